@@ -1,0 +1,110 @@
+"""Turn per-utterance output rows of one system on one task into the task's metrics.
+
+A row is what :mod:`blsp.evaluation.runner` writes per utterance: ``id``, ``ok`` (the system
+answered), ``response``, ``error``, ``reference`` and task-specific fields (``transcript`` for
+cascades, ``label``/``how`` for classification, ``text_response``/``kl_sum``/``kl_tokens`` for
+behavior alignment, ``verdict`` for QA). A failed row is scored as a wrong/empty answer and counted
+in ``failed``; it never stops scoring.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from blsp.evaluation import metrics
+from blsp.evaluation.tasks import Task
+
+
+def _base(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    failed = [r for r in rows if not r.get("ok")]
+    errors = Counter(str(r.get("error") or "unknown").split(":", 1)[0] for r in failed)
+    out: dict[str, Any] = {"n": len(rows), "failed": len(failed)}
+    if errors:
+        out["failure_kinds"] = dict(errors.most_common(5))
+    return out
+
+
+def _hyp(r: dict[str, Any]) -> str:
+    return (r.get("response") or "") if r.get("ok") else ""
+
+
+def score_asr(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out = _base(rows)
+    rows = [r for r in rows if r.get("reference")]
+    out["no_reference"] = out["n"] - len(rows)
+    er = metrics.error_rate([r["reference"] for r in rows], [_hyp(r) for r in rows], task.target_lang)
+    out["metric"] = er["metric"]
+    out["score"] = er["score"]
+    out[er["metric"]] = er["score"]
+    out["details"] = {k: v for k, v in er.items() if k not in ("metric", "score")}
+    with_tr = [r for r in rows if "transcript" in r]
+    if with_tr:  # a cascade's standalone ASR component (the left number of paper Table 2)
+        tr = metrics.error_rate(
+            [r["reference"] for r in with_tr], [r.get("transcript") or "" for r in with_tr], task.target_lang
+        )
+        out["asr_component"] = tr["score"]
+    return out
+
+
+def score_st(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out = _base(rows)
+    rows = [r for r in rows if r.get("reference")]
+    out["no_reference"] = out["n"] - len(rows)
+    hyps, refs = [_hyp(r) for r in rows], [r["reference"] for r in rows]
+    out["bleu"] = metrics.bleu(hyps, refs, task.target_lang)
+    out["chrf"] = metrics.chrf(hyps, refs)
+    out["bleu_tokenizer"] = metrics.bleu_tokenizer(task.target_lang)
+    return out
+
+
+def score_classify(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy over all rows (failed = wrong); out-of-set rate over the rows that were answered."""
+    out = _base(rows)
+    rows = [r for r in rows if r.get("reference") is not None]
+    out["no_reference"] = out["n"] - len(rows)
+    answered = [r for r in rows if r.get("ok")]
+    correct = sum(1 for r in answered if r.get("label") is not None and r.get("label") == r["reference"])
+    oos = sum(1 for r in answered if r.get("label") is None)
+    out["accuracy"] = 100.0 * correct / len(rows) if rows else None
+    out["out_of_set_rate"] = 100.0 * oos / len(answered) if answered else None
+    out["mapped_by"] = dict(Counter(str(r.get("how")) for r in answered))
+    return out
+
+
+def score_qa(task: Task, rows: Sequence[dict[str, Any]], judge_status: str | None = None) -> dict[str, Any]:
+    """Accept rate over the rows with a verdict; a failed answer is unacceptable; a judge that is
+    down leaves rows unjudged (``status`` says so) instead of scoring them 0."""
+    out = _base(rows)
+    judged = [r for r in rows if r.get("judged")]
+    accepted = sum(1 for r in judged if r.get("verdict") is True)
+    out["judged"] = len(judged)
+    out["unjudged"] = out["n"] - len(judged)
+    out["unparsed_verdicts"] = sum(1 for r in judged if r.get("verdict") is None)
+    out["accept_rate"] = 100.0 * accepted / len(judged) if judged else None
+    if judge_status:
+        out["status"] = judge_status
+    return out
+
+
+def score_align(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Speech-path vs text-path responses: BLEU/chrF (text path as reference), exact-match rate and
+    the mean token KL(text || speech) teacher-forced on the text-path response."""
+    out = _base(rows)
+    both = [r for r in rows if r.get("text_response") is not None]
+    hyps, refs = [_hyp(r) for r in both], [r["text_response"] for r in both]
+    out["bleu"] = metrics.bleu(hyps, refs, "en")
+    out["chrf"] = metrics.chrf(hyps, refs)
+    out["exact_match"] = 100.0 * sum(h.strip() == t.strip() for h, t in zip(hyps, refs, strict=True)) / len(both) if both else None
+    kl_rows = [r for r in rows if r.get("kl_tokens")]
+    tokens = sum(int(r["kl_tokens"]) for r in kl_rows)
+    out["kl"] = sum(float(r["kl_sum"]) for r in kl_rows) / tokens if tokens else None
+    out["kl_tokens"] = tokens
+    return out
+
+
+def score(task: Task, rows: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    """Metrics of ``task`` from its per-utterance rows."""
+    fn = {"asr": score_asr, "st": score_st, "classify": score_classify, "qa": score_qa, "align": score_align}[task.kind]
+    return fn(task, rows, **kw)

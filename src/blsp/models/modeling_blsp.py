@@ -1,0 +1,412 @@
+"""``BlspModel``: frozen Whisper encoder -> trainable modality adapter -> frozen LLM.
+
+The data path, in order: audio -> log-mel (``SpeechEncoder.features``, in ``collate``) ->
+encoder (``SpeechEncoder.forward``) -> adapter (``ModalityAdapter``) -> the LLM's input
+embeddings, where the adapter outputs fill the speech positions that ``collate`` laid out from
+the prompt segments (``PromptBuilder``). Only the adapter (and optional extra heads) is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blsp.errors import AudioError, BlspError, ModelLoadError
+from blsp.models.adapter import ModalityAdapter
+from blsp.models.configuration_blsp import BlspConfig
+from blsp.models.encoder import SpeechEncoder
+from blsp.models.prompt import AudioSpan, PromptBuilder
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BlspOutput:
+    """``loss`` (mean token cross-entropy over ``labels != -100``), ``logits [B, L, V]``, ``labels``."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+class BlspModel(nn.Module):
+    """A BLSP speech-language model. Build with ``from_config`` or ``from_pretrained``."""
+
+    def __init__(self, config: BlspConfig, encoder: SpeechEncoder, llm: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.llm = llm
+        self.tokenizer = tokenizer
+        enc_dim = encoder.hidden_size
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        for name, want, got in (("encoder_dim", config.encoder_dim, enc_dim), ("llm_dim", config.llm_dim, llm_dim)):
+            if want is not None and want != got:
+                raise ModelLoadError(
+                    f"adapter config has {name}={want} but the loaded model has width {got} "
+                    f"(encoder={config.encoder!r}, llm={config.llm!r}): this adapter was trained for other models"
+                )
+        config.encoder_dim, config.llm_dim = enc_dim, llm_dim
+        self.adapter = ModalityAdapter(
+            enc_dim,
+            llm_dim,
+            kernel_sizes=config.adapter_kernel_sizes,
+            stride=config.adapter_stride,
+            bottleneck_dim=config.adapter_bottleneck_dim,
+        )
+        self.extra = nn.ModuleDict()  # optional trainable heads saved with the adapter (e.g. "ctc")
+        if config.ctc_vocab_size:
+            self.extra["ctc"] = nn.Linear(llm_dim, config.ctc_vocab_size)
+        self.prompt = PromptBuilder(
+            tokenizer,
+            template=config.prompt_template,
+            instruction_separator=config.instruction_separator,
+            system_prompt=config.system_prompt,
+        )
+        for p in [*self.encoder.parameters(), *self.llm.parameters()]:
+            p.requires_grad_(False)
+        self.adapter.to(torch.float32)
+        self.train(False)
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def from_config(
+        cls,
+        config: BlspConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
+    ) -> BlspModel:
+        """Load the encoder and LLM named by ``config`` and attach a freshly initialised adapter."""
+        from blsp.models.hub import load_llm, load_whisper
+
+        config = config or BlspConfig()
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        whisper, processor = load_whisper(config.encoder, dtype=dtype)
+        encoder = SpeechEncoder(whisper.get_encoder(), processor.feature_extractor)
+        del whisper  # the decoder is not part of BLSP
+        llm, tokenizer = load_llm(config.llm, dtype=dtype)
+        return cls(config, encoder, llm, tokenizer).to(device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
+    ) -> BlspModel:
+        """Load a saved adapter folder (``config.json`` + ``adapter.safetensors``) and its models."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a BLSP model folder (no config.json)")
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise ModelLoadError(f"{path}: no {ADAPTER_WEIGHTS} in the folder")
+        try:
+            config = BlspConfig.from_pretrained(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e})") from e
+        model = cls.from_config(config, device=device, dtype=dtype, **overrides)
+        try:
+            state = load_file(str(weights))
+        except Exception as e:
+            raise ModelLoadError(f"{weights}: cannot read adapter weights ({e})") from e
+        model.load_trainable_state_dict(state, source=str(weights))
+        return model
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that BLSP trains: the adapter and any extra heads."""
+        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        state.update({f"extra.{k}": v for k, v in self.extra.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        adapter = {k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")}
+        extra = {k[len("extra.") :]: v for k, v in state.items() if k.startswith("extra.")}
+        try:
+            self.adapter.load_state_dict(adapter)
+            self.extra.load_state_dict(extra)
+        except RuntimeError as e:
+            raise ModelLoadError(f"{source}: adapter weights do not fit this config ({e})") from e
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` and ``adapter.safetensors``: the adapter only, never the LLM."""
+        from blsp.utils.io import atomic_write_text
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+        tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / ADAPTER_WEIGHTS)
+        atomic_write_text(path / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> BlspModel:
+        """Only the adapter and extra heads ever train; the encoder and LLM stay in eval mode."""
+        self.training = mode
+        self.adapter.train(mode)
+        self.extra.train(mode)
+        self.encoder.eval()
+        self.llm.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------- lengths
+    def speech_length(self, frames: int) -> int:
+        """Number of LLM positions a clip of ``frames`` mel frames occupies."""
+        return int(self.adapter.output_lengths(self.encoder.output_length(frames)))
+
+    # ------------------------------------------------------------- collate
+    def _audio_features(self, audio: Any) -> torch.Tensor:
+        if isinstance(audio, torch.Tensor) and audio.dim() == 2:
+            return audio  # precomputed log-mel [mel, frames]
+        if isinstance(audio, str | Path):
+            from blsp.data.audio import load_audio
+
+            audio = load_audio(audio, sr=self.encoder.sampling_rate)
+        elif isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu().numpy()
+        try:
+            return self.encoder.features(np.asarray(audio))
+        except AudioError:
+            raise
+        except Exception as e:
+            raise AudioError(f"cannot compute features: {e}") from e
+
+    def collate(self, examples: list[dict[str, Any]], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Lay out a batch: token ids, speech positions, labels, masks and log-mel features.
+
+        Each example is ``{"conversation": [...], "response": str | None}``. Speech positions hold
+        the pad id in ``input_ids`` and are marked in ``speech_mask``; their count per clip is known
+        from the clip's length alone, so the layout is fixed before the encoder runs.
+        """
+        if padding_side not in ("left", "right"):
+            raise BlspError(f"padding_side must be left or right, not {padding_side!r}")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        rows, feats = [], []
+        for n, ex in enumerate(examples):
+            prompt = self.prompt.build(ex["conversation"], add_generation_prompt=True)
+            ids: list[int] = []
+            speech: list[bool] = []
+            for seg in prompt.segments:
+                if isinstance(seg, AudioSpan):
+                    try:
+                        f = self._audio_features(seg.audio)
+                    except AudioError as e:
+                        where = seg.audio if isinstance(seg.audio, str | Path) else f"example {n}"
+                        raise AudioError(f"{where}: {e}") from e
+                    feats.append(f)
+                    k = self.speech_length(f.shape[-1])
+                    ids += [pad_id] * k
+                    speech += [True] * k
+                else:
+                    ids += seg
+                    speech += [False] * len(seg)
+            labels = [IGNORE_INDEX] * len(ids)
+            response = ex.get("response")
+            if response is not None:
+                target = self.prompt.response_ids(response)
+                ids += target
+                labels += target
+                speech += [False] * len(target)
+            rows.append((ids, speech, labels))
+
+        length = max(len(r[0]) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+            "speech_mask": torch.zeros((len(rows), length), dtype=torch.bool),
+            "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, (ids, speech, labels) in enumerate(rows):
+            sl = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+            batch["input_ids"][i, sl] = torch.tensor(ids)
+            batch["attention_mask"][i, sl] = 1
+            batch["speech_mask"][i, sl] = torch.tensor(speech)
+            batch["labels"][i, sl] = torch.tensor(labels)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if feats:
+            frames = torch.tensor([f.shape[-1] for f in feats])
+            x = torch.zeros(len(feats), feats[0].shape[0], int(frames.max()))
+            for i, f in enumerate(feats):
+                x[i, :, : f.shape[-1]] = f
+            batch["input_features"], batch["feature_lengths"] = x, frames
+        return batch
+
+    # ------------------------------------------------------------- forward
+    @torch.no_grad()
+    def encode_speech(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen encoder outputs ``([N, T', D], lengths [N])`` (cacheable: no gradient)."""
+        feats = input_features.to(self.device, self.encoder.whisper.conv1.weight.dtype)
+        return self.encoder(feats, feature_lengths.to(self.device))
+
+    def speech_embeddings(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter outputs ``([N, T'', llm_dim], lengths [N])`` from features or cached encoder states."""
+        if encoder_hidden_states is None:
+            if input_features is None or feature_lengths is None:
+                raise BlspError("speech positions present but no input_features or encoder_hidden_states given")
+            encoder_hidden_states, encoder_lengths = self.encode_speech(input_features, feature_lengths)
+        x = encoder_hidden_states.to(self.device, torch.float32)
+        y, lengths = self.adapter(x, encoder_lengths.to(self.device))
+        return y, lengths
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        speech_mask: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings of the LLM with the adapter outputs at the speech positions."""
+        input_ids = input_ids.to(self.device)
+        speech_mask = speech_mask.to(self.device)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if speech_mask.any():
+            speech, lengths = self.speech_embeddings(
+                input_features, feature_lengths, encoder_hidden_states, encoder_lengths
+            )
+            valid = torch.arange(speech.shape[1], device=self.device)[None, :] < lengths[:, None]
+            flat = speech[valid]
+            if flat.shape[0] != int(speech_mask.sum()):
+                raise BlspError(
+                    f"batch layout has {int(speech_mask.sum())} speech positions but the adapter produced "
+                    f"{flat.shape[0]}: features and input_ids come from different batches"
+                )
+            embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        speech_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+        **llm_kwargs: Any,
+    ) -> BlspOutput:
+        embeds = self.embed(
+            input_ids, speech_mask, input_features, feature_lengths, encoder_hidden_states, encoder_lengths
+        )
+        attention_mask = attention_mask.to(self.device)
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids.to(self.device),
+            use_cache=False,
+            **llm_kwargs,
+        )
+        logits = out.logits
+        loss = None
+        if labels is not None:
+            labels = labels.to(self.device)
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return BlspOutput(loss=loss, logits=logits, labels=labels)
+
+    # ------------------------------------------------------------- generate
+    def generation_config(
+        self,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **kwargs: Any,
+    ):
+        from transformers import GenerationConfig
+
+        pad = self.tokenizer.pad_token_id
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=self.prompt.stop_token_ids,
+            pad_token_id=pad if pad is not None else self.prompt.end_token_id,
+            **sampling,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        examples: list[dict[str, Any]],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        streamer: Any = None,
+        return_ids: bool = False,
+        **kwargs: Any,
+    ) -> list[str] | list[list[int]]:
+        """Batched generation for speech, text, or mixed conversations (left padded)."""
+        examples = [{"conversation": ex["conversation"]} for ex in examples]
+        batch = self.collate(examples, padding_side="left")
+        embeds = self.embed(
+            batch["input_ids"],
+            batch["speech_mask"],
+            batch.get("input_features"),
+            batch.get("feature_lengths"),
+        )
+        gen = self.generation_config(max_new_tokens, do_sample, temperature, top_p, **kwargs)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"].to(self.device),
+            generation_config=gen,
+            streamer=streamer,
+        )
+        stops = set(self.prompt.stop_token_ids)
+        seqs = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            seqs.append(row[:cut])
+        if return_ids:
+            return seqs
+        return [self.tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

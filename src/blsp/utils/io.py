@@ -1,0 +1,134 @@
+"""Atomic and resumable file writing shared by every job over many items.
+
+``JsonlAppender`` is the one way jobs (behaviors, generation, synthesis, evaluation) write their
+output: each finished batch is appended with a single ``write`` and ``fsync``; on reopen a torn
+last line (from a SIGKILL mid-write) is cut off and the ids already done are known, so a rerun
+skips them and never duplicates a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Atomically write ``rows`` as a whole JSON Lines file; returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """Yield ``(line_number, object or None if malformed, raw_line)`` for each non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError:
+                yield lineno, None, raw
+                continue
+            yield lineno, (obj if isinstance(obj, dict) else None), raw
+
+
+class JsonlAppender:
+    """Append-only JSON Lines output that survives SIGKILL and resumes by id.
+
+    Example::
+
+        with JsonlAppender(out, id_key="id") as out:
+            todo = [x for x in items if x["id"] not in out.done]
+            for batch in batches(todo):
+                out.append(process(batch))
+    """
+
+    def __init__(self, path: str | os.PathLike[str], id_key: str = "id") -> None:
+        self.path = Path(path)
+        self.id_key = id_key
+        self.done: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_and_scan()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _repair_and_scan(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        keep = len(data)
+        if data and not data.endswith(b"\n"):  # a torn last line from a killed writer
+            keep = data.rfind(b"\n") + 1
+        good = bytearray()
+        for line in data[:keep].splitlines(keepends=True):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # drop a corrupt line; its id is redone
+            key = str(obj.get(self.id_key)) if isinstance(obj, dict) else None
+            if key is None or key in self.done:
+                continue
+            self.done.add(key)
+            good += line
+        if len(good) != len(data):
+            atomic_write_bytes(self.path, bytes(good))
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Append rows in one write and fsync; rows whose id is already done are dropped."""
+        lines, ids = [], []
+        for r in rows:
+            key = str(r.get(self.id_key))
+            if key in self.done or key in ids:
+                continue
+            lines.append(json.dumps(r, ensure_ascii=False) + "\n")
+            ids.append(key)
+        if not lines:
+            return 0
+        payload = "".join(lines).encode("utf-8")
+        view = memoryview(payload)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        os.fsync(self._fd)
+        self.done.update(ids)
+        return len(lines)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
