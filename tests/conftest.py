@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach a model hub: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "

@@ -158,7 +158,7 @@ def test_collate_layout_labels_masks_positions(tiny_model):
     assert batch["attention_mask"][0, -1] == 0 and batch["attention_mask"][0, 0] == 1
     left = tiny_model.collate(ex, padding_side="left")
     assert left["attention_mask"][0, 0] == 0 and left["attention_mask"][0, -1] == 1
-    assert L == left["input_ids"].shape[1]
+    assert left["input_ids"].shape[1] == L
 
 
 # --------------------------------------------------------------------------- forward / generate

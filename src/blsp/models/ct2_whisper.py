@@ -204,7 +204,9 @@ def build_tokenizer(tokenizer_json: Path, vocab_size: int):
     if missing:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in missing])
     if len(tok) > vocab_size:
-        raise ModelLoadError(f"{tokenizer_json}: {len(tok)} tokens but the model has only {vocab_size} embeddings")
+        raise ModelLoadError(
+            f"{tokenizer_json}: {len(tok)} tokens but the model has only {vocab_size} embeddings"
+        )
     return tok
 
 
@@ -225,17 +227,16 @@ def build_generation_config(tok, ct2_config: dict, is_multilingual: bool, max_le
         max_initial_timestamp_index=50,
         return_timestamps=False,
         is_multilingual=is_multilingual,
-        suppress_tokens=list(ct2_config.get("suppress_ids", [])),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [220, eot])),
-        alignment_heads=[list(h) for h in ct2_config.get("alignment_heads", [])],
+        suppress_tokens=list(ct2_config.get("suppress_ids") or []),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or [220, eot]),
+        alignment_heads=[list(h) for h in ct2_config.get("alignment_heads") or []],
     )
     if is_multilingual:
         lang_ids = ct2_config.get("lang_ids") or range(sot + 1, ids("<|translate|>"))
         gen["lang_to_id"] = {tok.convert_ids_to_tokens(i): i for i in lang_ids}
         gen["task_to_id"] = {"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")}
+        # a plain generate() detects the language and transcribes (generate adds <|notimestamps|> itself)
         gen["forced_decoder_ids"] = [[1, None], [2, ids("<|transcribe|>")]]
-    else:
-        gen["forced_decoder_ids"] = [[1, no_ts]]
     return GenerationConfig(**gen)
 
 
@@ -299,10 +300,13 @@ def convert_ct2_whisper(model_files: Sequence[Path], meta_dir: Path, out_dir: Pa
         suppress_tokens=gen.suppress_tokens,
         begin_suppress_tokens=gen.begin_suppress_tokens,
         architectures=["WhisperForConditionalGeneration"],
-        dtype=str(state["model.encoder.conv1.weight"].dtype).removeprefix("torch."),
+        dtype="float32",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in state.items()}, str(out_dir / "model.safetensors"), {"format": "pt"})
+    # float32 on disk (exact for float16 sources) so that a plain from_pretrained gives a CPU-ready model;
+    # copies, since CTranslate2 aliases identical tensors (e.g. all-ones layer norms) to one another
+    state = {k: t.to(torch.float32, copy=True).contiguous() for k, t in state.items()}
+    save_file(state, str(out_dir / "model.safetensors"), {"format": "pt"})
     config.save_pretrained(out_dir)
     gen.save_pretrained(out_dir)
     features = WhisperFeatureExtractor(feature_size=sizes["num_mel_bins"])
