@@ -42,7 +42,9 @@ def main() -> None:
     fe = processor.feature_extractor
     enc = SpeechEncoder(whisper.get_encoder(), fe).eval()
     rng = np.random.default_rng(0)
-    clips = [(0.1 * rng.standard_normal(int(args.seconds * 16000))).astype(np.float32) for _ in range(args.batch)]
+    clips = [
+        (0.1 * rng.standard_normal(int(args.seconds * 16000))).astype(np.float32) for _ in range(args.batch)
+    ]
 
     feats = [enc.features(c) for c in clips]
     lengths = torch.tensor([f.shape[-1] for f in feats])
@@ -53,7 +55,9 @@ def main() -> None:
         t_var = _timeit(lambda: enc(x, lengths), args.repeats)
         t_pad = _timeit(lambda: whisper.get_encoder()(padded), args.repeats)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"encoder {args.encoder}, batch of {args.batch} clips of {args.seconds:g} s")
     print(f"{'path':<28}{'frames':>8}{'s/batch':>10}{'clips/s':>10}")
     print(f"{'variable length (blsp)':<28}{int(lengths.max()):>8}{t_var:>10.3f}{args.batch / t_var:>10.1f}")

@@ -58,8 +58,13 @@ def build_tiny_tokenizer(path: Path, chat_template: str | None = CHATML):
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny random Whisper and Llama folders in the ordinary Hugging Face layout."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor
-    from transformers import WhisperForConditionalGeneration
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)

@@ -25,7 +25,10 @@ def _audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def _speech_example(seconds: float, seed: int = 0, response: str | None = "the quick brown fox") -> dict:
-    return {"conversation": make_conversation(CONTINUATION, audio=_audio(seconds, seed)), "response": response}
+    return {
+        "conversation": make_conversation(CONTINUATION, audio=_audio(seconds, seed)),
+        "response": response,
+    }
 
 
 # --------------------------------------------------------------------------- adapter
@@ -119,7 +122,9 @@ def test_text_and_speech_paths_are_the_same_prompt_but_for_the_span(tiny_model):
 
 
 def test_paper_template_when_the_llm_has_no_chat_template(tiny_dirs):
-    cfg = BlspConfig(encoder=str(tiny_dirs["whisper"]), llm=str(tiny_dirs["llm_paper"]), adapter_bottleneck_dim=8)
+    cfg = BlspConfig(
+        encoder=str(tiny_dirs["whisper"]), llm=str(tiny_dirs["llm_paper"]), adapter_bottleneck_dim=8
+    )
     model = BlspModel.from_config(cfg, device="cpu")
     assert not model.prompt.use_chat
     ids = model.prompt.text_prompt(make_conversation(REPETITION, transcript="hello"))
@@ -129,7 +134,9 @@ def test_paper_template_when_the_llm_has_no_chat_template(tiny_dirs):
 
 
 def test_chat_template_forced_without_one_is_an_error(tiny_dirs):
-    cfg = BlspConfig(encoder=str(tiny_dirs["whisper"]), llm=str(tiny_dirs["llm_paper"]), prompt_template="chat")
+    cfg = BlspConfig(
+        encoder=str(tiny_dirs["whisper"]), llm=str(tiny_dirs["llm_paper"]), prompt_template="chat"
+    )
     with pytest.raises(BlspError, match="no chat template"):
         BlspModel.from_config(cfg, device="cpu")
 
@@ -204,13 +211,21 @@ def test_cached_encoder_states_give_the_same_loss(tiny_model):
 
 def test_multi_turn_mixed_speech_and_text(tiny_model):
     conv = [
-        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "audio", "audio": _audio(1.0)}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hello"}, {"type": "audio", "audio": _audio(1.0)}],
+        },
         {"role": "assistant", "content": "the fox"},
-        {"role": "user", "content": [{"type": "audio", "audio": _audio(0.7, 4)}, {"type": "text", "text": "again"}]},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": _audio(0.7, 4)}, {"type": "text", "text": "again"}],
+        },
     ]
     batch = tiny_model.collate([{"conversation": conv}])
     assert batch["input_features"].shape[0] == 2
-    assert int(batch["speech_mask"].sum()) == sum(tiny_model.speech_length(int(n)) for n in batch["feature_lengths"])
+    assert int(batch["speech_mask"].sum()) == sum(
+        tiny_model.speech_length(int(n)) for n in batch["feature_lengths"]
+    )
     assert isinstance(tiny_model.generate([{"conversation": conv}], max_new_tokens=4)[0], str)
 
 

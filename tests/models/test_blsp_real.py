@@ -20,7 +20,10 @@ def test_real_model_forward_generate_and_gradients(real_model, speech_wav):
         load_audio(speech_wav("please bring me a cup of coffee with milk and sugar")),
     ]
     examples = [
-        {"conversation": make_conversation(CONTINUATION, audio=clips[0]), "response": "Sunny days are the best."},
+        {
+            "conversation": make_conversation(CONTINUATION, audio=clips[0]),
+            "response": "Sunny days are the best.",
+        },
         {"conversation": make_conversation(REPETITION, audio=clips[1]), "response": "Bring me a coffee."},
     ]
     batch = model.collate(examples)

@@ -100,8 +100,7 @@ def get_normalizer(name: str | None) -> Callable[[str], str]:
         return lambda s: _SPACES.sub(" ", s).strip()
     if name == "lower":
         return lower
-    if name == "whisper":
-        return whisper_english_normalizer()
-    if name == "whisper-basic":
-        return whisper_basic_normalizer()
+    if name in ("whisper", "whisper-basic"):
+        fn = whisper_english_normalizer() if name == "whisper" else whisper_basic_normalizer()
+        return lambda s: _SPACES.sub(" ", fn(s)).strip()
     raise BlspError(f"unknown normaliser {name!r}; choose one of {', '.join(NORMALIZERS)}")

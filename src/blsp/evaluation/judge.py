@@ -63,7 +63,12 @@ class OpenAIJudge:
     """A judge behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, llama.cpp, ...)."""
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0, max_tokens: int = 8
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_tokens: int = 8,
     ) -> None:
         import openai
 
@@ -71,7 +76,9 @@ class OpenAIJudge:
         self.model = model
         self.max_tokens = max_tokens
         self._openai = openai
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=1)
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=1
+        )
 
     def judge(self, question: str, transcript: str, answer: str) -> tuple[bool | None, str]:
         o = self._openai
@@ -113,7 +120,10 @@ class LocalJudge:
         except ImportError:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model, tok = AutoModelForCausalLM.from_pretrained(self.ref), AutoTokenizer.from_pretrained(self.ref)
+            model, tok = (
+                AutoModelForCausalLM.from_pretrained(self.ref),
+                AutoTokenizer.from_pretrained(self.ref),
+            )
         except BlspError as e:
             raise JudgeUnavailable(f"judge {self.name} cannot be loaded: {e}") from e
         if self.device:
@@ -128,7 +138,10 @@ class LocalJudge:
         prompt = judge_prompt(question, transcript, answer)
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
             )["input_ids"]
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"]

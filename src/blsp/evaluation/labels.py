@@ -2,7 +2,8 @@
 
 Steps, first hit wins: exact match of the stripped answer; case/format-insensitive match
 (``SwitchLightOn`` = ``switch light on`` = ``switch_light_on``); a label mentioned inside the
-answer (whole words; the longest of overlapping mentions, then the earliest); a fuzzy match
+answer (whole words; the longest of overlapping mentions, then the earliest; an answer naming more
+than ``max_mentions`` different labels only lists the choices and is outside the set); a fuzzy match
 (``difflib`` ratio) of the answer or of one of its word windows against a label. Otherwise the
 answer is outside the set (``None``).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _NON_WORD = re.compile(r"[^\w]+|_+", re.UNICODE)
 _STRIP = " \t\r\n\"'`.,;:!?()[]{}<>*-"
+_AMBIGUOUS = "\x00ambiguous"
 
 
 def label_words(text: str) -> str:
@@ -29,17 +31,18 @@ class LabelMatch:
     """The mapped label (``None``: outside the set) and how it was found."""
 
     label: str | None
-    how: str  # exact | case | contains | fuzzy | none
+    how: str  # exact | case | contains | fuzzy | ambiguous | none
 
 
 class LabelMapper:
     """Maps free-text answers to one of ``labels`` (see module docstring)."""
 
-    def __init__(self, labels: Sequence[str], fuzzy_cutoff: float = 0.85) -> None:
+    def __init__(self, labels: Sequence[str], fuzzy_cutoff: float = 0.85, max_mentions: int = 2) -> None:
         if not labels:
             raise ValueError("empty label set")
         self.labels = list(dict.fromkeys(labels))
         self.fuzzy_cutoff = fuzzy_cutoff
+        self.max_mentions = max_mentions
         self._words = {lab: label_words(lab) for lab in self.labels}
         self._joined = {lab: w.replace(" ", "") for lab, w in self._words.items()}
 
@@ -60,6 +63,8 @@ class LabelMapper:
             if words == self._words[lab] or joined == self._joined[lab]:
                 return LabelMatch(lab, "case")
         hit = self._contains(text, words)
+        if hit == _AMBIGUOUS:
+            return LabelMatch(None, "ambiguous")
         if hit is not None:
             return LabelMatch(hit, "contains")
         hit = self._fuzzy(words)
@@ -94,8 +99,12 @@ class LabelMapper:
         kept = [
             s
             for s in spans
-            if not any(o is not s and o[0] <= s[0] and s[1] <= o[1] and (o[1] - o[0]) > (s[1] - s[0]) for o in spans)
+            if not any(
+                o is not s and o[0] <= s[0] and s[1] <= o[1] and (o[1] - o[0]) > (s[1] - s[0]) for o in spans
+            )
         ]
+        if len({s[2] for s in kept}) > self.max_mentions:
+            return _AMBIGUOUS  # the answer lists the choices (e.g. echoes the instruction)
         kept.sort(key=lambda s: (s[0], -(s[1] - s[0])))
         return kept[0][2]
 

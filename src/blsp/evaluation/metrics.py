@@ -27,7 +27,15 @@ log = logging.getLogger(__name__)
 
 # Languages scored by character error rate / BLEU tokenizers for targets without spaces.
 CHAR_LANGS = frozenset({"zh", "ja", "th", "yue", "lo", "my", "km"})
-_BLEU_TOKENIZERS = {"zh": "zh", "yue": "zh", "ja": "char", "th": "char", "lo": "char", "my": "char", "km": "char"}
+_BLEU_TOKENIZERS = {
+    "zh": "zh",
+    "yue": "zh",
+    "ja": "char",
+    "th": "char",
+    "lo": "char",
+    "my": "char",
+    "km": "char",
+}
 
 
 def bleu_tokenizer(lang: str | None) -> str:
@@ -127,7 +135,11 @@ def error_rate(refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en"
             continue
         r_norm.append(rn)
         h_norm.append(hn)
-    out: dict[str, Any] = {"metric": "cer" if char else "wer", "n": len(r_norm), "skipped_empty_refs": skipped}
+    out: dict[str, Any] = {
+        "metric": "cer" if char else "wer",
+        "n": len(r_norm),
+        "skipped_empty_refs": skipped,
+    }
     if not r_norm:
         return out | {"score": None}
     o = jiwer.process_words(r_norm, h_norm)
@@ -177,7 +189,9 @@ def bleu_signature(target_lang: str | None = "en") -> str:
     """SacreBLEU's signature string for the BLEU configuration used for ``target_lang``."""
     from sacrebleu.metrics import BLEU
 
-    return str(BLEU(tokenize=bleu_tokenizer(target_lang)).get_signature())
+    b = BLEU(tokenize=bleu_tokenizer(target_lang))
+    b.corpus_score(["x"], [["x"]])  # the signature needs the reference count, known after a call
+    return str(b.get_signature())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +237,8 @@ def cross_instruction_table(reps: Mapping[str, np.ndarray]) -> dict[str, dict[st
     return {a: {b: paired_cosine(reps[a], reps[b]) for b in keys} for a in keys}
 
 
-def paired_modality_table(speech: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray]) -> dict[str, float]:
+def paired_modality_table(
+    speech: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray]
+) -> dict[str, float]:
     """Tables 8/13: per instruction, the average cosine between paired speech and text inputs."""
     return {k: paired_cosine(speech[k], text[k]) for k in speech if k in text}

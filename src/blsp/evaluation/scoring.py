@@ -96,7 +96,11 @@ def score_align(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     hyps, refs = [_hyp(r) for r in both], [r["text_response"] for r in both]
     out["bleu"] = metrics.bleu(hyps, refs, "en")
     out["chrf"] = metrics.chrf(hyps, refs)
-    out["exact_match"] = 100.0 * sum(h.strip() == t.strip() for h, t in zip(hyps, refs, strict=True)) / len(both) if both else None
+    out["exact_match"] = (
+        100.0 * sum(h.strip() == t.strip() for h, t in zip(hyps, refs, strict=True)) / len(both)
+        if both
+        else None
+    )
     kl_rows = [r for r in rows if r.get("kl_tokens")]
     tokens = sum(int(r["kl_tokens"]) for r in kl_rows)
     out["kl"] = sum(float(r["kl_sum"]) for r in kl_rows) / tokens if tokens else None
@@ -106,5 +110,7 @@ def score_align(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def score(task: Task, rows: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     """Metrics of ``task`` from its per-utterance rows."""
-    fn = {"asr": score_asr, "st": score_st, "classify": score_classify, "qa": score_qa, "align": score_align}[task.kind]
+    fn = {"asr": score_asr, "st": score_st, "classify": score_classify, "qa": score_qa, "align": score_align}[
+        task.kind
+    ]
     return fn(task, rows, **kw)

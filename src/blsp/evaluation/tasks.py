@@ -143,7 +143,9 @@ def parse_task_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _labels_of(items: Sequence[dict[str, Any]], name: str) -> list[str]:
-    labels = sorted({str(it.get("label", it.get("intent"))) for it in items if it.get("label", it.get("intent"))})
+    labels = sorted(
+        {str(it.get("label", it.get("intent"))) for it in items if it.get("label", it.get("intent"))}
+    )
     if not labels:
         raise BlspError(f"task {name!r}: the test set has no 'label' or 'intent' fields")
     return labels
@@ -155,7 +157,14 @@ def make_task(name: str, items: Sequence[dict[str, Any]], testset: str = "") -> 
     head, _, arg = name.partition(":")
     if head == "asr":
         langs = {str(it.get("lang") or "en") for it in items}
-        return Task(name, "asr", task_instruction("asr"), items, testset, target_lang=langs.pop() if len(langs) == 1 else "en")
+        return Task(
+            name,
+            "asr",
+            task_instruction("asr"),
+            items,
+            testset,
+            target_lang=langs.pop() if len(langs) == 1 else "en",
+        )
     if head == "st":
         if not arg:
             raise BlspError("task 'st' needs a target language, e.g. st:de")
@@ -172,13 +181,33 @@ def make_task(name: str, items: Sequence[dict[str, Any]], testset: str = "") -> 
         labels = [s.strip() for s in (SNIPS_LIGHT_INTENTS if head == "snips" else FSC_INTENTS).split(",")]
         return Task(head, "classify", task_instruction(head), items, testset, labels=labels)
     if head == "intent":
+        from blsp.instructions import SNIPS_LIGHT_INTENTS
+
         labels = _labels_of(items, name)
-        return Task("intent", "classify", INTENT_TEMPLATE.format(labels=", ".join(labels)), items, testset, labels=labels)
+        snips = [s.strip() for s in SNIPS_LIGHT_INTENTS.split(",")]
+        if set(labels) <= set(snips):  # the paper's SNIPS light intents: its exact instruction
+            return Task("intent", "classify", task_instruction("snips"), items, testset, labels=snips)
+        instr = INTENT_TEMPLATE.format(labels=", ".join(labels))
+        return Task("intent", "classify", instr, items, testset, labels=labels)
     if head == "coffee":
         labels = _labels_of(items, name)
-        return Task("coffee", "classify", COFFEE_TEMPLATE.format(labels=", ".join(labels)), items, testset, labels=labels)
+        return Task(
+            "coffee",
+            "classify",
+            COFFEE_TEMPLATE.format(labels=", ".join(labels)),
+            items,
+            testset,
+            labels=labels,
+        )
     if head == "sentiment":
-        return Task("sentiment", "classify", task_instruction("sentiment"), items, testset, labels=list(SENTIMENT_LABELS))
+        return Task(
+            "sentiment",
+            "classify",
+            task_instruction("sentiment"),
+            items,
+            testset,
+            labels=list(SENTIMENT_LABELS),
+        )
     if head == "qa":
         return Task("qa", "qa", None, items, testset)
     if head == "align":
@@ -187,7 +216,9 @@ def make_task(name: str, items: Sequence[dict[str, Any]], testset: str = "") -> 
             instruction = BEHAVIORS[behavior]
         else:
             instruction = task_instruction(behavior)  # any Table 11 task, e.g. align:st:German
-        return Task(f"align:{behavior}" if arg else "align", "align", instruction, items, testset, behavior=behavior)
+        return Task(
+            f"align:{behavior}" if arg else "align", "align", instruction, items, testset, behavior=behavior
+        )
     raise BlspError(
         f"unknown task {name!r}; known: asr, st:<lang>, x2en:<lang>, intent, snips, fsc, sentiment, coffee, qa, align[:behavior]"
     )

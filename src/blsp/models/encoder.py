@@ -78,7 +78,9 @@ class SpeechEncoder(nn.Module):
             x[j, :, : stop - start] = features[i, :, start:stop]
         hidden, h_len = self._encode_windows(x, w_len)
         # Join each clip's windows back together.
-        out_lengths = [sum(int(h_len[j]) for j, o in enumerate(owners) if o == i) for i in range(len(lengths))]
+        out_lengths = [
+            sum(int(h_len[j]) for j, o in enumerate(owners) if o == i) for i in range(len(lengths))
+        ]
         out = hidden.new_zeros(len(lengths), max(out_lengths), hidden.shape[-1])
         cursor = [0] * len(lengths)
         for j, i in enumerate(owners):

@@ -51,7 +51,10 @@ class BlspModel(nn.Module):
         self.tokenizer = tokenizer
         enc_dim = encoder.hidden_size
         llm_dim = llm.get_input_embeddings().embedding_dim
-        for name, want, got in (("encoder_dim", config.encoder_dim, enc_dim), ("llm_dim", config.llm_dim, llm_dim)):
+        for name, want, got in (
+            ("encoder_dim", config.encoder_dim, enc_dim),
+            ("llm_dim", config.llm_dim, llm_dim),
+        ):
             if want is not None and want != got:
                 raise ModelLoadError(
                     f"adapter config has {name}={want} but the loaded model has width {got} "
@@ -277,7 +280,9 @@ class BlspModel(nn.Module):
         """Adapter outputs ``([N, T'', llm_dim], lengths [N])`` from features or cached encoder states."""
         if encoder_hidden_states is None:
             if input_features is None or feature_lengths is None:
-                raise BlspError("speech positions present but no input_features or encoder_hidden_states given")
+                raise BlspError(
+                    "speech positions present but no input_features or encoder_hidden_states given"
+                )
             encoder_hidden_states, encoder_lengths = self.encode_speech(input_features, feature_lengths)
         x = encoder_hidden_states.to(self.device, torch.float32)
         y, lengths = self.adapter(x, encoder_lengths.to(self.device))

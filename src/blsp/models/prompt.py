@@ -29,7 +29,9 @@ def make_conversation(instruction: str, *, audio: Any = None, transcript: str | 
     """One user turn: the instruction, then the speech span (``audio``) or its ``transcript``."""
     if (audio is None) == (transcript is None):
         raise BlspError("make_conversation needs exactly one of audio= or transcript=")
-    span = {"type": "audio", "audio": audio} if audio is not None else {"type": "transcript", "text": transcript}
+    span = (
+        {"type": "audio", "audio": audio} if audio is not None else {"type": "transcript", "text": transcript}
+    )
     parts = [{"type": "text", "text": instruction}] if instruction else []
     return [{"role": "user", "content": [*parts, span]}]
 
@@ -160,7 +162,9 @@ class PromptBuilder:
         text, spans = self._render(conversation, add_generation_prompt)
         chunks = text.split(_SPAN)
         if len(chunks) != len(spans) + 1:
-            raise BlspError("the chat template dropped or repeated a speech span; use prompt_template='paper'")
+            raise BlspError(
+                "the chat template dropped or repeated a speech span; use prompt_template='paper'"
+            )
         prompt = Prompt([list(self._bos)] if self._bos else [])
         for i, chunk in enumerate(chunks):
             if chunk:

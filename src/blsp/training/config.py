@@ -83,7 +83,6 @@ class DataConfig:
     # DataLoader worker processes reading audio and collating batches (0 = in the training process).
     num_workers: int = 0
     eval_max_examples: int = 256
-    max_text_tokens: int = 512
 
 
 @dataclass
@@ -108,8 +107,8 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     seed: int = 42
-    # auto: bf16 autocast on CUDA, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 as the paper; fp16 would need loss scaling).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
 
 
@@ -200,11 +199,17 @@ class Config:
         return Path(self.run.output_dir.replace("{name}", self.name))
 
     def identity(self) -> dict[str, Any]:
-        """The parts that must match for ``--resume``: everything but logging/progress display."""
+        """The parts that must match for ``--resume``: all that shapes the trained weights.
+
+        Left out: logging, checkpoint/eval cadence, loader workers, the device and the process
+        group settings (a run may resume with another number of processes: the global batches
+        do not depend on it)."""
         d = self.to_dict()
-        for k in ("log_every", "tensorboard", "progress", "keep_last"):
+        for k in ("log_every", "tensorboard", "progress", "keep_last", "save_every", "eval_every"):
             d["run"].pop(k, None)
         d["data"].pop("num_workers", None)
+        d["train"].pop("device", None)
+        d.pop("distributed", None)
         return d
 
 
@@ -299,8 +304,10 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     for i, p in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
+            if not p.isdigit() or int(p) > len(node):
                 raise ConfigError(f"--set {key}: no list item {p!r} at {'.'.join(parts[:i])}")
+            if int(p) == len(node):  # one past the end: a new item
+                node.append([] if nxt.isdigit() else {})
             node = node[int(p)]
             continue
         if p not in node or node[p] is None:
@@ -334,7 +341,9 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> Config:
     """Build a :class:`Config` from a mapping and ``KEY=VALUE`` overrides."""
     tree = json.loads(json.dumps(data or {}))  # deep copy of plain data
     for key, value in parse_overrides(overrides):
