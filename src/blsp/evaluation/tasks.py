@@ -14,6 +14,7 @@ name                kind     instruction (paper Table 11 unless noted)          
 ``coffee``          classify which drink a spoken coffee order names (Picovoice)           accuracy, out-of-set rate
 ``qa``              qa       the item's ``question`` (appendix C)                          LLM-judged accept rate
 ``align[:B]``       align    behavior B's instruction (continuation by default, Table 1)   speech vs text path
+                             or another task's (``align:x2en:zh``: no reference needed)
 ==================  =======  ==========================================================  ==========================
 """
 
@@ -214,8 +215,10 @@ def make_task(name: str, items: Sequence[dict[str, Any]], testset: str = "") -> 
         behavior = arg or "continuation"
         if behavior in BEHAVIORS:
             instruction = BEHAVIORS[behavior]
-        else:
-            instruction = task_instruction(behavior)  # any Table 11 task, e.g. align:st:German
+        else:  # another task's instruction, e.g. align:x2en:zh (speech/text agreement without references)
+            if behavior.split(":", 1)[0] in ("align", "qa"):
+                raise BlspError(f"task {name!r}: align needs a behavior or a task with one instruction")
+            instruction = make_task(behavior, items, testset).instruction
         return Task(
             f"align:{behavior}" if arg else "align", "align", instruction, items, testset, behavior=behavior
         )

@@ -1,0 +1,286 @@
+"""Load test of `blsp serve` on loopback: N concurrent clients, batching on vs off, in one run.
+
+Starts the server twice (``--max-batch-size B`` and ``--max-batch-size 1``), sends the same
+bounded set of streamed chat-completion requests with an audio part from ``--clients``
+concurrent clients, and prints throughput, p50/p95 latency and time to first token side by side.
+
+    .venv/bin/python bench/serve_load.py                       # untrained whisper-base + smollm2 adapter
+    .venv/bin/python bench/serve_load.py --adapter runs/blsp/final --clients 8 --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+INSTRUCTIONS = [
+    "Please repeat the following words.",
+    "Continue the following text in a coherent and engaging style with less than 40 words.",
+    "Please translate the following English text into German text.",
+    "Please classify the emotional tone of the text as either positive, negative, or neutral.",
+]
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It is a beautiful sunny morning and I would like to go for a walk.",
+    "Please remind me to buy milk and bread on the way home.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_clips(folder: Path) -> list[Path]:
+    clips = []
+    for k, text in enumerate(SENTENCES):
+        path = folder / f"clip{k}.wav"
+        if shutil.which("espeak-ng"):
+            subprocess.run(
+                ["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True, capture_output=True
+            )
+        else:  # no TTS: a tone of about the same length
+            import numpy as np
+            import soundfile as sf
+
+            t = np.arange(48000) / 16000
+            sf.write(path, (0.2 * np.sin(2 * np.pi * (200 + 50 * k) * t)).astype("float32"), 16000)
+        clips.append(path)
+    return clips
+
+
+def untrained_adapter(folder: Path) -> Path:
+    import torch
+
+    from blsp.models.configuration_blsp import BlspConfig
+    from blsp.models.modeling_blsp import BlspModel
+
+    torch.manual_seed(0)
+    path = folder / "blsp-untrained"
+    BlspModel.from_config(BlspConfig(), device="cpu").save_pretrained(path)
+    return path
+
+
+def start_server(
+    adapter: Path, batch: int, wait_ms: float, max_tokens: int, log: Path
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = Path(sys.executable).with_name("blsp")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "blsp.cli"]
+    cmd += [
+        "serve",
+        str(adapter),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(batch),
+        "--batch-wait-ms",
+        str(wait_ms),
+        "--max-tokens-limit",
+        str(max_tokens),
+        "--log-level",
+        "warning",
+        "--device",
+        "cpu",
+    ]
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start in 600 s")
+
+
+def one_request(
+    http: httpx.Client, url: str, model: str, clip_b64: str, instruction: str, max_tokens: int
+) -> dict:
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": instruction},
+                    {"type": "input_audio", "input_audio": {"data": clip_b64, "format": "wav"}},
+                ],
+            }
+        ],
+    }
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError(obj["error"]["message"])
+            if obj.get("choices") and obj["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    total = time.perf_counter() - t0
+    return {"latency": total, "ttft": first if first is not None else total, "tokens": tokens}
+
+
+def run_load(url: str, model: str, clips: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    results: list[dict] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    k = next(counter, None)
+                if k is None:
+                    return
+                try:
+                    res = one_request(
+                        http,
+                        url,
+                        model,
+                        clips[k % len(clips)],
+                        INSTRUCTIONS[k % len(INSTRUCTIONS)],
+                        max_tokens,
+                    )
+                except Exception as e:  # counted, reported
+                    errors.append(str(e))
+                    continue
+                with lock:
+                    results.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    engine = httpx.get(url + "/health", timeout=10).json()["engine"]
+    return {"wall": wall, "results": results, "errors": errors, "engine": engine}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--adapter", type=Path, help="adapter folder (default: an untrained whisper-base + smollm2 one)"
+    )
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=16, help="requests per mode")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching run")
+    ap.add_argument("--wait-ms", type=float, default=10.0, help="--batch-wait-ms of the batching run")
+    ap.add_argument("--modes", default="on,off", help="on, off or on,off")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    work = Path(tempfile.mkdtemp(prefix="blsp-bench-"))
+    try:
+        adapter = args.adapter or untrained_adapter(work)
+        clips = [base64.b64encode(p.read_bytes()).decode() for p in make_clips(work)]
+        rows = {}
+        for mode in args.modes.split(","):
+            batch, wait = (args.batch_size, args.wait_ms) if mode == "on" else (1, 0.0)
+            proc, url = start_server(adapter, batch, wait, args.max_tokens, work / f"serve-{mode}.log")
+            try:
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                one_request(httpx.Client(timeout=600), url, model, clips[0], INSTRUCTIONS[0], 4)  # warm up
+                before = httpx.get(url + "/health").json()["engine"]
+                run = run_load(url, model, clips, args.clients, args.requests, args.max_tokens)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            res = run["results"]
+            e = run["engine"]
+            batches = e["batches"] - before["batches"]
+            rows[mode] = {
+                "ok": len(res),
+                "errors": len(run["errors"]),
+                "wall_s": run["wall"],
+                "req_per_s": len(res) / run["wall"],
+                "tok_per_s": sum(r["tokens"] for r in res) / run["wall"],
+                "lat_p50": pct([r["latency"] for r in res], 50),
+                "lat_p95": pct([r["latency"] for r in res], 95),
+                "ttft_p50": pct([r["ttft"] for r in res], 50),
+                "ttft_p95": pct([r["ttft"] for r in res], 95),
+                "mean_batch": (e["jobs_done"] - before["jobs_done"]) / batches if batches else 0.0,
+            }
+            if run["errors"]:
+                print(f"[{mode}] first error: {run['errors'][0]}", file=sys.stderr)
+
+        print(
+            f"\nblsp serve load: {args.clients} clients, {args.requests} streamed requests per mode, "
+            f"max_tokens {args.max_tokens}, audio ~3 s, CPU threads {os.cpu_count()}"
+        )
+        labels = {
+            "on": f"batching on (B={args.batch_size}, {args.wait_ms:g} ms)",
+            "off": "batching off (B=1)",
+        }
+        header = f"{'metric':<14}" + "".join(f"{labels[m]:>30}" for m in rows)
+        if len(rows) == 2:
+            header += f"{'on/off':>10}"
+        print(header)
+        for key, fmt in [
+            ("ok", "{:.0f}"),
+            ("errors", "{:.0f}"),
+            ("wall_s", "{:.2f}"),
+            ("req_per_s", "{:.3f}"),
+            ("tok_per_s", "{:.2f}"),
+            ("lat_p50", "{:.2f}"),
+            ("lat_p95", "{:.2f}"),
+            ("ttft_p50", "{:.2f}"),
+            ("ttft_p95", "{:.2f}"),
+            ("mean_batch", "{:.2f}"),
+        ]:
+            line = f"{key:<14}" + "".join(f"{fmt.format(rows[m][key]):>30}" for m in rows)
+            if len(rows) == 2 and rows["off"][key]:
+                line += f"{rows['on'][key] / rows['off'][key]:>10.2f}"
+            print(line)
+        print("(latency and TTFT in seconds; ratios > 1 are better for req/s and tok/s, worse for times)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``blsp behave``: BLSP step 1 (behavior data) and ``blsp behave merge`` (join shards)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USAGE = """\
+blsp behave MANIFEST OUT.jsonl [--behavior continuation|repetition|"<instruction>"] [options]
+       blsp behave merge SHARD.jsonl [SHARD.jsonl ...] -o OUT.jsonl [--manifest MANIFEST]"""
+
+DESCRIPTION = """\
+Step 1 of BLSP: prompt the LLM with `instruction + transcript` for every manifest line and keep
+its response as the step-2 target. The prompt is the training-time text-path prompt (same
+PromptBuilder). Output is appended per batch; a rerun resumes. Sidecars: OUT.rejected.jsonl
+(filtered responses, skipped inputs), OUT.failed.jsonl (backend errors, retried by a rerun),
+OUT.summary.json. `merge` joins the shards of a sharded run (--num-shards, or torchrun)."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "behave",
+        help="generate behavior data (BLSP step 1); `behave merge` joins shards",
+        usage=USAGE,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="MANIFEST OUT.jsonl, or: merge SHARD...")
+    g = p.add_argument_group("behavior")
+    g.add_argument(
+        "--behavior",
+        default="continuation",
+        help="continuation (paper Table 1, default), repetition (response = transcript, no generation) "
+        "or a free instruction sentence in quotes",
+    )
+    g.add_argument("--name", help="label written as `behavior` for a free instruction (default: custom)")
+    g.add_argument(
+        "--text-field", default="text", help="manifest field holding the transcript (default: text)"
+    )
+    g.add_argument("--max-prompt-tokens", type=int, default=192, help="skip longer prompts (default: 192)")
+    g.add_argument(
+        "--echo",
+        choices=("drop", "flag"),
+        help="responses that only repeat the transcript: drop (default for continuation) or keep flagged "
+        "(default for free instructions)",
+    )
+    g.add_argument("--limit", type=int, help="process at most this many pending lines (a trial run)")
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model",
+        help="LLM reference (alias, HF folder, .gguf; default: smollm2-135m-instruct or --config's)",
+    )
+    m.add_argument("--config", help="BLSP model folder or config.json whose LLM and prompt settings to use")
+    m.add_argument(
+        "--prompt-template", choices=("auto", "chat", "paper"), help="prompt template (default: auto)"
+    )
+    m.add_argument("--backend", choices=("transformers", "vllm", "http"), default="transformers")
+    m.add_argument(
+        "--batching",
+        choices=("static", "continuous"),
+        default="static",
+        help="transformers backend: static padded batches (default) or continuous batching (generate_batch)",
+    )
+    m.add_argument(
+        "--batch-size", type=int, help="prompts per batch (default: 16 transformers, 512 vllm, 64 http)"
+    )
+    m.add_argument(
+        "--device", default="auto", help="transformers device (default: cuda:$LOCAL_RANK if any, else cpu)"
+    )
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    d = p.add_argument_group("decoding (greedy by default)")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--do-sample", action="store_true")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--seed", type=int, help="sampling seed (each batch derives its own from it)")
+    s = p.add_argument_group("sharding")
+    s.add_argument(
+        "--num-shards", type=int, help="split the manifest in N shards (default: torchrun's WORLD_SIZE)"
+    )
+    s.add_argument("--shard-index", type=int, help="which shard this run does (default: torchrun's RANK)")
+    h = p.add_argument_group("http backend (OpenAI-compatible /v1/completions)")
+    h.add_argument("--endpoint", help="server URL, e.g. http://localhost:8000/v1")
+    h.add_argument("--served-model", help="model name sent to the server (default: --model)")
+    h.add_argument("--tokenizer", help="LLM reference for the local tokenizer/prompt (default: --model)")
+    h.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    h.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    h.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    h.add_argument("--retries", type=int, default=4, help="retries after an error or timeout (default: 4)")
+    h.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry delay, doubled each retry (default: 1 s)"
+    )
+    h.add_argument(
+        "--prompt-format",
+        choices=("ids", "text"),
+        default="ids",
+        help="send the prompt as token ids (exact, default) or as the rendered text",
+    )
+    h.add_argument(
+        "--extra-body", help="JSON object merged into each request, e.g. '{\"stop_token_ids\": [2]}'"
+    )
+    o = p.add_argument_group("merge")
+    o.add_argument("-o", "--output", help="merge: the merged output file")
+    o.add_argument("--manifest", help="merge: the manifest, to report ids that are missing")
+    p.set_defaults(func=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from blsp.errors import ConfigError
+
+    if args.paths[0] == "merge":
+        return _merge(args)
+    if len(args.paths) != 2:
+        raise ConfigError(
+            f"expected MANIFEST OUT.jsonl, got {len(args.paths)} paths (or use `blsp behave merge`)"
+        )
+    return _behave(args)
+
+
+def _behave(args: argparse.Namespace) -> int:
+    from blsp.behaviors.backends import GenerationSettings, parse_extra_body
+    from blsp.behaviors.generate import BehaveOptions, run_behave
+
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    opts = BehaveOptions(
+        manifest=Path(args.paths[0]),
+        out=Path(args.paths[1]),
+        behavior=args.behavior,
+        name=args.name,
+        text_field=args.text_field,
+        model=args.model,
+        config=args.config,
+        prompt_template=args.prompt_template,
+        backend=args.backend,
+        batching=args.batching,
+        batch_size=args.batch_size,
+        settings=settings,
+        max_prompt_tokens=args.max_prompt_tokens,
+        echo=args.echo,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        device=args.device,
+        dtype=args.dtype,
+        limit=args.limit,
+        endpoint=args.endpoint,
+        served_model=args.served_model,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        prompt_format=args.prompt_format,
+        extra_body=parse_extra_body(args.extra_body),
+    )
+    summary = run_behave(opts)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    if summary["shard"]["count"] > 1:
+        print(
+            f"shard {summary['shard']['index']} of {summary['shard']['count']} written to {summary['output']}; "
+            f"join the shards with: blsp behave merge <shards> -o {args.paths[1]} --manifest {args.paths[0]}",
+            file=sys.stderr,
+        )
+    if summary["failed"]:
+        print(f"{summary['failed']} lines failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from blsp.behaviors.merge import merge_shards
+    from blsp.errors import ConfigError
+
+    shards = args.paths[1:]
+    if not shards:
+        raise ConfigError("behave merge: give the shard files to join")
+    if not args.output:
+        raise ConfigError("behave merge: give the merged output file with -o OUT.jsonl")
+    report = merge_shards(shards, args.output, manifest=args.manifest, text_field=args.text_field)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    if report.get("missing"):
+        print(
+            f"{report['missing']} manifest ids are in no shard (first: {report['missing_ids'][:5]})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,114 @@
+"""Training progress (paper Figure 4): evaluate saved checkpoints and plot metrics against steps.
+
+A checkpoint argument may be a training run folder (with ``checkpoints/``), its ``checkpoints/``
+folder, one ``step-NNNNNNNN`` checkpoint (``weights/`` + ``meta.json``) or an adapter folder
+itself (``config.json`` + ``adapter.safetensors``; its step read from its name, e.g.
+``checkpoint-1000``, or from a ``meta.json``/``trainer_state.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from blsp.errors import BlspError
+from blsp.evaluation.tasks import PRIMARY, Task
+
+_STEP = re.compile(r"(\d+)$")
+
+
+def _is_adapter(p: Path) -> bool:
+    return (p / "config.json").is_file() and (p / "adapter.safetensors").is_file()
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step of a checkpoint or adapter folder, if it can be told."""
+    p = Path(path)
+    for d in (p, p.parent):
+        for meta_name, key in (("meta.json", "step"), ("trainer_state.json", "global_step")):
+            f = d / meta_name
+            if f.is_file():
+                try:
+                    v = json.loads(f.read_text("utf-8")).get(key)
+                except (OSError, json.JSONDecodeError, AttributeError):
+                    v = None
+                if isinstance(v, int):
+                    return v
+        m = _STEP.search(d.name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def expand_checkpoints(paths: Sequence[str | Path]) -> list[tuple[int, Path]]:
+    """``[(step, adapter folder)]`` sorted by step, from run/checkpoint/adapter folders."""
+    found: dict[Path, int] = {}
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise BlspError(f"{p}: checkpoint folder not found")
+        cands: list[Path]
+        if _is_adapter(p):
+            cands = [p]
+        elif _is_adapter(p / "weights"):
+            cands = [p / "weights"]
+        else:
+            root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            cands = [
+                c / "weights" if _is_adapter(c / "weights") else c
+                for c in sorted(root.iterdir())
+                if c.is_dir()
+            ]
+            cands = [c for c in cands if _is_adapter(c)]
+            if (p / "final").is_dir() and _is_adapter(p / "final"):
+                cands.append(p / "final")
+        if not cands:
+            raise BlspError(f"{p}: no adapter folder (config.json + adapter.safetensors) found in it")
+        for c in cands:
+            step = checkpoint_step(c)
+            if step is None:
+                raise BlspError(f"{c}: cannot tell its training step (name it step-N or add meta.json)")
+            found[c.resolve()] = step
+    return sorted(((s, p) for p, s in found.items()), key=lambda x: (x[0], str(x[1])))
+
+
+def progress_curve(
+    checkpoints: Sequence[str | Path],
+    tasks: Sequence[Task],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    device: str | None = None,
+    judge: Any = None,
+) -> dict[str, Any]:
+    """Evaluate each checkpoint on ``tasks`` and plot each task's primary metric vs step.
+
+    Writes ``out_dir/results.{json,md}`` (one system per checkpoint) and ``out_dir/progress.png``.
+    Returns ``{"png", "series": {label: [(step, value)]}, "results"}``.
+    """
+    from blsp.evaluation.plots import plot_progress
+    from blsp.evaluation.runner import run_eval
+    from blsp.evaluation.systems import BlspSystem
+    from blsp.utils.io import atomic_write_json
+
+    ckpts = expand_checkpoints(checkpoints)
+    systems = [BlspSystem(p, name=f"step {s}", device=device) for s, p in ckpts]
+    results = run_eval(
+        systems, tasks, out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, judge=judge
+    )
+    series: dict[str, list[tuple[int, float | None]]] = {}
+    lower: dict[str, bool] = {}
+    for t in tasks:
+        key, label, higher = PRIMARY[t.kind]
+        name = f"{t.key} {label}"
+        lower[name] = not higher
+        series[name] = [(s, results["results"][f"step {s}"].get(t.key, {}).get(key)) for s, _ in ckpts]
+    png = plot_progress(series, Path(out_dir) / "progress.png", lower_is_better=lower)
+    atomic_write_json(
+        Path(out_dir) / "progress.json", {"series": series, "checkpoints": [[s, str(p)] for s, p in ckpts]}
+    )
+    return {"png": str(png), "series": series, "results": results}

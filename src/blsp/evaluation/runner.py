@@ -1,0 +1,576 @@
+"""Run systems on tasks; write per-utterance outputs, ``results.json`` and ``results.md``.
+
+Layout of ``out_dir``::
+
+    results.json                      all metrics + what was run (see :func:`run_eval`)
+    results.md                        the same as Markdown tables
+    outputs/<system>/<task>.jsonl     one row per utterance (resumable: done ids are skipped)
+    outputs/<system>/transcripts@<testset>.jsonl   a cascade's ASR transcripts
+
+Nothing an utterance does can stop the run: a clip that cannot be read, a generation that
+raises, a judge that is down, even a system that cannot be loaded, are recorded and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blsp.evaluation import metrics, scoring
+from blsp.evaluation.labels import LabelMapper
+from blsp.evaluation.systems import System
+from blsp.evaluation.tasks import PRIMARY, Task
+from blsp.utils.io import JsonlAppender, atomic_write_json, atomic_write_text, iter_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+RESULTS_VERSION = 1
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a system or task name."""
+    return re.sub(r"[^A-Za-z0-9._@+-]+", "_", name).strip("_") or "x"
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls with per-item failure isolation
+
+
+def generate_safe(model: Any, convs: Sequence[Any], max_new_tokens: int) -> list[str | Exception]:
+    """``model.generate`` over ``convs``; a failing batch is retried item by item."""
+    todo = [i for i, c in enumerate(convs) if not isinstance(c, Exception)]
+    out: list[str | Exception] = [c if isinstance(c, Exception) else "" for c in convs]
+    if not todo:
+        return out
+    try:
+        texts = model.generate([{"conversation": convs[i]} for i in todo], max_new_tokens=max_new_tokens)
+        for i, t in zip(todo, texts, strict=True):
+            out[i] = t
+        return out
+    except Exception as e:
+        if len(todo) == 1:
+            out[todo[0]] = e
+            return out
+        log.warning("generation failed on a batch of %d (%s); retrying one by one", len(todo), _err(e))
+    for i in todo:
+        try:
+            out[i] = model.generate([{"conversation": convs[i]}], max_new_tokens=max_new_tokens)[0]
+        except Exception as e:
+            out[i] = e
+    return out
+
+
+def response_kl(
+    model: Any, speech_convs: Sequence[Any], text_convs: Sequence[Any], responses: Sequence[str]
+) -> list[tuple[float, int]]:
+    """Per example ``(sum of token KL(text || speech), number of tokens)`` teacher-forced on ``responses``.
+
+    Both conversations are scored on the same response tokens (its tokens and the end-of-turn
+    token); the LLM's next-token distributions at those positions are compared.
+    """
+    import torch
+
+    n = len(responses)
+    examples = [{"conversation": c, "response": r} for c, r in zip(speech_convs, responses, strict=True)]
+    examples += [{"conversation": c, "response": r} for c, r in zip(text_convs, responses, strict=True)]
+    batch = model.collate(examples, padding_side="right")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    labels = batch["labels"].to(logits.device)
+    out = []
+    for i in range(n):
+        ps = (labels[i, 1:] != -100).nonzero().squeeze(-1)
+        pt = (labels[n + i, 1:] != -100).nonzero().squeeze(-1)
+        if len(ps) != len(pt) or len(ps) == 0:
+            raise RuntimeError(f"response positions differ between paths ({len(ps)} vs {len(pt)})")
+        ls = torch.log_softmax(logits[i, ps].float(), -1)
+        lt = torch.log_softmax(logits[n + i, pt].float(), -1)
+        kl = (lt.exp() * (lt - ls)).sum(-1)
+        out.append((float(kl.sum()), int(len(ps))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One system on one task
+
+
+def _load_audios(items: Sequence[dict[str, Any]]) -> list[np.ndarray | Exception]:
+    from blsp.data.audio import load_audio
+
+    out: list[np.ndarray | Exception] = []
+    for it in items:
+        try:
+            if "audio_array" in it:
+                out.append(np.asarray(it["audio_array"], dtype=np.float32))
+            else:
+                out.append(load_audio(it["audio"]))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+class _TranscriptCache:
+    """A cascade's transcripts of one test set, persisted so reruns do not transcribe again."""
+
+    def __init__(self, system: System, path: Path) -> None:
+        self.system = system
+        self.path = path
+        self.cache: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for _, obj, _ in iter_jsonl(path):
+                if obj and "id" in obj:
+                    self.cache[str(obj["id"])] = obj
+
+    def get(self, items: Sequence[dict[str, Any]]) -> list[str | Exception]:
+        todo = [i for i, it in enumerate(items) if str(it["id"]) not in self.cache]
+        if todo:
+            audios = _load_audios([items[i] for i in todo])  # only clips not transcribed before
+            res = self.system.transcribe(
+                [items[i] for i in todo], [None if isinstance(a, Exception) else a for a in audios]
+            )
+            assert res is not None
+            rows = []
+            for i, a, r in zip(todo, audios, res, strict=True):
+                if isinstance(a, Exception):
+                    r = a
+                row = {"id": str(items[i]["id"])}
+                row.update(
+                    {"transcript": None, "error": _err(r)} if isinstance(r, Exception) else {"transcript": r}
+                )
+                rows.append(row)
+                self.cache[row["id"]] = row
+            with JsonlAppender(self.path) as app:  # only successes persist: a failure is retried next run
+                app.append([r for r in rows if r.get("transcript") is not None])
+        out: list[str | Exception] = []
+        for it in items:
+            row = self.cache[str(it["id"])]
+            out.append(
+                row["transcript"]
+                if row.get("transcript") is not None
+                else RuntimeError(row.get("error", "ASR failed"))
+            )
+        return out
+
+
+def _run_batch(
+    system: System,
+    task: Task,
+    items: list[dict[str, Any]],
+    transcripts: _TranscriptCache | None,
+    mapper: LabelMapper | None,
+    max_new_tokens: int,
+) -> list[dict[str, Any]]:
+    speech = system.uses_audio and transcripts is None  # the speech itself goes to the model
+    audios: list[Any] = _load_audios(items) if speech else [None] * len(items)
+    trs: list[Any] = transcripts.get(items) if transcripts else [None] * len(items)
+    convs: list[Any] = []
+    for it, a, t in zip(items, audios, trs, strict=True):
+        try:
+            if isinstance(a, Exception):
+                raise a
+            if isinstance(t, Exception):
+                raise t
+            convs.append(system.conversation(task.instruction_for(it), it, a, t))
+        except Exception as e:
+            convs.append(e)
+    model = system.model
+    responses = generate_safe(model, convs, max_new_tokens)
+
+    rows: list[dict[str, Any]] = []
+    for it, r, t in zip(items, responses, trs, strict=True):
+        row: dict[str, Any] = {"id": str(it["id"]), "ok": not isinstance(r, Exception)}
+        row["response"] = None if isinstance(r, Exception) else r
+        if isinstance(r, Exception):
+            row["error"] = _err(r)
+        row["reference"] = task.reference(it)
+        if transcripts is not None:
+            row["transcript"] = None if isinstance(t, Exception) else t
+        if task.kind == "qa":
+            row["question"] = task.instruction_for(it)
+        if mapper is not None and row["ok"]:
+            m = mapper.map(row["response"])
+            row["label"], row["how"] = m.label, m.how
+        rows.append(row)
+
+    if task.kind == "align":
+        _align(system, task, items, convs, rows, max_new_tokens)
+    return rows
+
+
+def _align(system: System, task: Task, items, convs, rows, max_new_tokens: int) -> None:
+    """Behavior alignment: the text-path response to the same instruction, and the token KL."""
+    from blsp.models.prompt import make_conversation
+
+    model = system.model
+    text_convs: list[Any] = []
+    for it in items:
+        text = it.get("text")
+        text_convs.append(
+            make_conversation(task.instruction_for(it), transcript=text)
+            if isinstance(text, str) and text.strip()
+            else ValueError("no transcript")
+        )
+    text_resp = generate_safe(model, text_convs, max_new_tokens)
+    pairs = []
+    for k, (row, tr) in enumerate(zip(rows, text_resp, strict=True)):
+        row["text_response"] = None if isinstance(tr, Exception) else tr
+        if row["ok"] and not isinstance(tr, Exception):
+            pairs.append(k)
+    for s in range(0, len(pairs), 4):  # logits are [2B, L, V]: keep B small
+        chunk = pairs[s : s + 4]
+        try:
+            kls = response_kl(
+                model,
+                [convs[k] for k in chunk],
+                [text_convs[k] for k in chunk],
+                [text_resp[k] for k in chunk],
+            )
+        except Exception as e:
+            log.warning("%s: KL on a batch failed (%s); retrying one by one", system.name, _err(e))
+            kls = []
+            for k in chunk:
+                try:
+                    kls.append(response_kl(model, [convs[k]], [text_convs[k]], [text_resp[k]])[0])
+                except Exception as e1:
+                    rows[k]["kl_error"] = _err(e1)
+                    kls.append(None)
+        for k, kv in zip(chunk, kls, strict=True):
+            if kv is not None:
+                rows[k]["kl_sum"], rows[k]["kl_tokens"] = kv
+
+
+def _judge_rows(
+    judge: Any, path: Path, rows: list[dict[str, Any]], items_by_id: dict[str, dict]
+) -> str | None:
+    """Judge QA rows into ``path`` (resumable). Returns a status line if the judge was unavailable."""
+    from blsp.evaluation.judge import JudgeUnavailable
+
+    status = getattr(judge, "unavailable", None)
+    if status:  # found down earlier in this run: do not wait on it again for every system
+        return status
+    with JsonlAppender(path) as app:
+        for row in rows:
+            if row["id"] in app.done:
+                continue
+            if not row.get("ok"):
+                app.append(
+                    [{"id": row["id"], "judged": True, "verdict": False, "raw": "(no answer: system failed)"}]
+                )
+                continue
+            it = items_by_id.get(row["id"], {})
+            try:
+                verdict, raw = judge.judge(
+                    row.get("question") or "", it.get("text") or "", row.get("response") or ""
+                )
+            except JudgeUnavailable as e:
+                status = f"judge unavailable: {e}"
+                log.error("%s", status)
+                with contextlib.suppress(AttributeError):
+                    judge.unavailable = status
+                break
+            except Exception as e:  # one bad call: leave this row unjudged, keep going
+                log.warning("judge failed on %s: %s", row["id"], _err(e))
+                continue
+            app.append([{"id": row["id"], "judged": True, "verdict": verdict, "raw": raw}])
+    return status
+
+
+def _read_rows(path: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
+    by_id: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for _, obj, _ in iter_jsonl(path):
+            if obj and "id" in obj:
+                by_id[str(obj["id"])] = obj
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def evaluate_system_task(
+    system: System,
+    task: Task,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    judge: Any = None,
+    retry_failed: bool = False,
+) -> dict[str, Any]:
+    """Run ``system`` on ``task`` (resuming ``outputs/<system>/<task>.jsonl``) and score it.
+
+    Utterances already in the output file are not run again, failed ones included, unless
+    ``retry_failed``.
+    """
+    out_dir = Path(out_dir)
+    sys_dir = out_dir / "outputs" / safe_name(system.name)
+    path = sys_dir / f"{safe_name(task.key)}.jsonl"
+    mapper = LabelMapper(task.labels) if task.kind == "classify" and task.labels else None
+    transcripts = (
+        _TranscriptCache(system, sys_dir / f"transcripts@{safe_name(task.testset or 'items')}.jsonl")
+        if system.kind == "cascade"
+        else None
+    )
+    ids = [str(it["id"]) for it in task.items]
+    t0 = time.perf_counter()
+    if retry_failed and path.exists():  # drop failed rows so that they are run again
+        kept = [obj for _, obj, _ in iter_jsonl(path) if obj and obj.get("ok")]
+        write_jsonl(path, kept)
+    with JsonlAppender(path) as app:
+        todo = [it for it in task.items if str(it["id"]) not in app.done]
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s : s + batch_size]
+            try:
+                rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens)
+            except Exception as e:  # a bug or a model that cannot load: record every item as failed
+                log.error("%s on %s: batch failed: %s", system.name, task.key, _err(e))
+                rows = [
+                    {
+                        "id": str(it["id"]),
+                        "ok": False,
+                        "response": None,
+                        "error": _err(e),
+                        "reference": task.reference(it),
+                    }
+                    for it in batch
+                ]
+            app.append(rows)
+    rows = _read_rows(path, ids)
+    judge_status = None
+    if task.kind == "qa":
+        jpath = sys_dir / f"{safe_name(task.key)}.judge.jsonl"
+        if judge is None:
+            judge_status = "not judged: no judge given (--judge)"
+        else:
+            judge_status = _judge_rows(judge, jpath, rows, {str(it["id"]): it for it in task.items})
+        verdicts = {r["id"]: r for r in _read_rows(jpath, ids)}
+        for r in rows:
+            if r["id"] in verdicts:
+                r["judged"], r["verdict"] = True, verdicts[r["id"]].get("verdict")
+        res = scoring.score(task, rows, judge_status=judge_status)
+    else:
+        res = scoring.score(task, rows)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    res["outputs"] = str(path.relative_to(out_dir))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Many systems on many tasks
+
+
+def run_eval(
+    systems: Sequence[System],
+    tasks: Sequence[Task],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    judge: Any = None,
+    write: bool = True,
+    retry_failed: bool = False,
+) -> dict[str, Any]:
+    """Evaluate every system on every task; write ``results.json`` and ``results.md`` in ``out_dir``.
+
+    Returns ``{"version", "meta", "systems": [...], "tasks": [...], "results": {system: {task_key:
+    metrics}}}``. Systems run one after another; a model is released once no later system needs it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        from blsp.errors import BlspError
+
+        raise BlspError(f"duplicate task keys: {keys}")
+    langs = sorted({t.target_lang for t in tasks})
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION,
+        "meta": {
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "judge": getattr(judge, "name", None),
+            "normalizers": {
+                lang: metrics.normalizer_info(lang)
+                for lang in langs
+                if any(t.kind == "asr" and t.target_lang == lang for t in tasks)
+            },
+            "bleu": {
+                lang: metrics.bleu_signature(lang)
+                for lang in langs
+                if any(t.kind == "st" and t.target_lang == lang for t in tasks)
+            },
+        },
+        "systems": [s.describe() for s in systems],
+        "tasks": [t.describe() for t in tasks],
+        "results": {},
+    }
+    for si, system in enumerate(systems):
+        per: dict[str, Any] = {}
+        results["results"][system.name] = per
+        for task in tasks:
+            log.info("evaluating %s on %s (%d items)", system.name, task.key, len(task.items))
+            try:
+                per[task.key] = evaluate_system_task(
+                    system,
+                    task,
+                    out_dir,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    judge=judge,
+                    retry_failed=retry_failed,
+                )
+            except Exception as e:  # never lose the other systems' results
+                log.exception("%s on %s failed", system.name, task.key)
+                per[task.key] = {
+                    "n": len(task.items),
+                    "failed": len(task.items),
+                    "status": f"error: {_err(e)}",
+                }
+            if write:
+                _write(results, out_dir)
+        later = {id(s.model_handle) for s in systems[si + 1 :]}
+        system.release()
+        if id(system.model_handle) not in later:
+            system.model_handle.release()
+    if write:
+        _write(results, out_dir)
+    return results
+
+
+def _write(results: dict[str, Any], out_dir: Path) -> None:
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.md", results_to_markdown(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def primary_cell(kind: str, res: dict[str, Any]) -> str:
+    """The overview-table cell of one result (``ASR component / via LLM`` for cascades' WER)."""
+    if res.get("status", "").startswith("error"):
+        return "error"
+    key = PRIMARY[kind][0]
+    cell = _fmt(res.get(key))
+    if kind == "asr" and "asr_component" in res:
+        cell = f"{_fmt(res['asr_component'])} / {cell}"
+    if kind == "qa" and res.get("accept_rate") is None and res.get("status"):
+        cell = "judge n/a"
+    if res.get("failed"):
+        cell += f" ({res['failed']} failed)"
+    return cell
+
+
+def results_to_markdown(results: dict[str, Any]) -> str:
+    """Markdown: an overview table (systems x tasks, primary metric) and one detail table per task."""
+    tasks = results.get("tasks", [])
+    systems = [s["name"] for s in results.get("systems", [])]
+    res = results.get("results", {})
+    lines = ["# Evaluation results", ""]
+    meta = results.get("meta", {})
+    if meta:
+        lines.append(
+            f"Created {meta.get('created', '?')}; greedy decoding, max_new_tokens={meta.get('max_new_tokens')}."
+        )
+        lines.append("")
+    head = ["System"] + [
+        f"{t['key']} {PRIMARY[t['kind']][1]}{'↑' if PRIMARY[t['kind']][2] else '↓'}" for t in tasks
+    ]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in systems:
+        cells = [s] + [primary_cell(t["kind"], res.get(s, {}).get(t["key"], {})) for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if any(t["kind"] == "asr" for t in tasks):
+        lines.append(
+            "ASR cells of cascaded systems read `standalone ASR / LLM told to repeat it` (paper Table 2)."
+        )
+        lines.append("")
+
+    details = {
+        "asr": [("score", "WER/CER"), ("asr_component", "ASR alone"), ("failed", "failed"), ("n", "n")],
+        "st": [
+            ("bleu", "BLEU"),
+            ("chrf", "chrF"),
+            ("bleu_tokenizer", "tok"),
+            ("failed", "failed"),
+            ("n", "n"),
+        ],
+        "classify": [
+            ("accuracy", "Acc %"),
+            ("out_of_set_rate", "out of set %"),
+            ("failed", "failed"),
+            ("n", "n"),
+        ],
+        "qa": [
+            ("accept_rate", "accept %"),
+            ("judged", "judged"),
+            ("unparsed_verdicts", "unparsed"),
+            ("failed", "failed"),
+            ("n", "n"),
+        ],
+        "align": [
+            ("bleu", "BLEU s/t"),
+            ("chrf", "chrF s/t"),
+            ("exact_match", "exact %"),
+            ("kl", "token KL"),
+            ("failed", "failed"),
+            ("n", "n"),
+        ],
+    }
+    for t in tasks:
+        cols = details[t["kind"]]
+        lines.append(f"## {t['key']}")
+        lines.append("")
+        instr = t.get("instruction", "")
+        lines.append(f"Instruction: _{instr}_")
+        lines.append("")
+        lines += [
+            "| System | " + " | ".join(c[1] for c in cols) + " | status |",
+            "|" + "---|" * (len(cols) + 2),
+        ]
+        for s in systems:
+            r = res.get(s, {}).get(t["key"], {})
+            digits = 3 if t["kind"] == "align" else 1
+            cells = [_fmt(r.get(k), 4 if k == "kl" else digits) for k, _ in cols]
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {r.get('status', 'ok')} |")
+        lines.append("")
+    notes = []
+    for lang, info in meta.get("normalizers", {}).items():
+        notes.append(f"- ASR ({lang}): jiwer after {info}; CER for Chinese-like languages.")
+    for lang, sig in meta.get("bleu", {}).items():
+        notes.append(f"- BLEU into {lang}: sacrebleu `{sig}`; chrF with sacrebleu defaults.")
+    if any(t["kind"] == "classify" for t in tasks):
+        notes.append(
+            "- Classification: free text mapped to the label set (exact, case/CamelCase-insensitive, "
+            "contained, fuzzy); accuracy counts failed utterances as wrong; out-of-set % is over answered ones."
+        )
+    if any(t["kind"] == "align" for t in tasks):
+        notes.append(
+            "- Alignment: the speech-path response scored against the transcript-path response; token KL is "
+            "KL(text || speech) of the LLM's next-token distributions, teacher-forced on the transcript-path response."
+        )
+    if meta.get("judge"):
+        notes.append(f"- QA judge: {meta['judge']} with the paper's Listing 2 prompt.")
+    notes.append(
+        "- `(N failed)`: utterances the system could not answer (scored as wrong/empty, never skipped)."
+    )
+    lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)

@@ -1,0 +1,349 @@
+"""The systems compared in the paper (section 4.2), behind one interface.
+
+- :class:`BlspSystem`: a saved adapter folder (BLSP, BLSP+RP, ASR pretraining, any checkpoint)
+  loaded with ``BlspModel.from_pretrained``; the speech goes through encoder + adapter.
+- :class:`TextSystem` (Text+LLM): the ground-truth transcript through the same prompt builder's
+  text path.
+- :class:`CascadeSystem`: a transcriber's output through the text path: Whisper+LLM
+  (``blsp.models.asr.WhisperTranscriber``) or CTC+LLM (any object with
+  ``transcribe(audios) -> list[str]``); its standalone ASR is scored too (paper Table 2).
+
+Every system builds one conversation per item (``make_conversation``) and generates with its
+:class:`ModelHandle`'s ``BlspModel``. Models load lazily and are shared between systems that
+hold the same handle (Text+LLM and the cascades need an LLM and its prompt builder only, so they
+can share the first BLSP system's model).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from blsp.errors import BlspError
+
+log = logging.getLogger(__name__)
+
+
+class Transcriber(Protocol):
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]: ...
+
+
+class ModelHandle:
+    """A ``BlspModel`` loaded on first use from an adapter folder, a ``BlspConfig`` or given ready."""
+
+    def __init__(self, source: Any, device: str | None = None, dtype: Any = None) -> None:
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self._model: Any = source if _is_model(source) else None
+        self._owned = self._model is None
+        self._error: Exception | None = None
+
+    @property
+    def label(self) -> str:
+        if _is_model(self.source):
+            return f"model:{type(self.source).__name__}"
+        if isinstance(self.source, str | Path):
+            return str(self.source)
+        return (
+            f"config(encoder={getattr(self.source, 'encoder', '?')}, llm={getattr(self.source, 'llm', '?')})"
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> Any:
+        """The model, loaded on first call; a load that failed fails again at once (not reloaded per batch)."""
+        if self._model is None:
+            if self._error is not None:
+                raise self._error
+            from blsp.models.modeling_blsp import BlspModel
+
+            try:
+                if isinstance(self.source, str | Path):
+                    log.info("loading BLSP model from %s", self.source)
+                    self._model = BlspModel.from_pretrained(self.source, device=self.device, dtype=self.dtype)
+                else:
+                    log.info("building BLSP model from %s", self.label)
+                    self._model = BlspModel.from_config(self.source, device=self.device, dtype=self.dtype)
+            except Exception as e:
+                self._error = e
+                raise
+        return self._model
+
+    def release(self) -> None:
+        """Drop a model this handle loaded itself (a model given ready is kept)."""
+        if self._owned and self._model is not None:
+            self._model = None
+            import gc
+
+            gc.collect()
+
+
+def _is_model(obj: Any) -> bool:
+    return hasattr(obj, "generate") and hasattr(obj, "prompt") and hasattr(obj, "collate")
+
+
+class System:
+    """Base: a named way of answering an instruction about an utterance."""
+
+    kind = "system"
+    uses_audio = True  # needs the utterance's audio (False: only its transcript)
+
+    def __init__(self, name: str, model: ModelHandle) -> None:
+        self.name = name
+        self.model_handle = model
+
+    @property
+    def model(self) -> Any:
+        return self.model_handle.get()
+
+    def transcribe(
+        self, items: Sequence[dict[str, Any]], audios: Sequence[np.ndarray | None]
+    ) -> list[str | Exception] | None:
+        """Standalone transcripts (cascades only; ``None`` for other systems)."""
+        return None
+
+    def conversation(
+        self, instruction: str, item: dict[str, Any], audio: np.ndarray | None, transcript: str | None
+    ) -> list[dict]:
+        """The conversation this system feeds its LLM for ``item`` under ``instruction``."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "model": self.model_handle.label}
+
+    def release(self) -> None:
+        """Free anything this system loaded that no other system shares."""
+
+
+class BlspSystem(System):
+    """Speech through the encoder and adapter of a BLSP (or ASR-pretrained, or CTC) adapter folder."""
+
+    kind = "blsp"
+
+    def __init__(self, source: Any, name: str | None = None, device: str | None = None) -> None:
+        handle = source if isinstance(source, ModelHandle) else ModelHandle(source, device=device)
+        super().__init__(
+            name or (Path(str(source)).name if isinstance(source, str | Path) else "BLSP"), handle
+        )
+
+    def conversation(self, instruction, item, audio, transcript):
+        from blsp.models.prompt import make_conversation
+
+        if audio is None:
+            raise BlspError(f"item {item.get('id')!r}: no audio")
+        return make_conversation(instruction, audio=audio)
+
+
+class TextSystem(System):
+    """Text+LLM: the ground-truth transcript on the text path of the same prompt builder."""
+
+    kind = "text"
+    uses_audio = False
+
+    def __init__(self, model: ModelHandle | Any, name: str = "Text+LLM") -> None:
+        super().__init__(name, model if isinstance(model, ModelHandle) else ModelHandle(model))
+
+    def conversation(self, instruction, item, audio, transcript):
+        from blsp.models.prompt import make_conversation
+
+        text = item.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise BlspError(f"item {item.get('id')!r}: no transcript ('text') for the Text+LLM system")
+        return make_conversation(instruction, transcript=text)
+
+
+class CascadeSystem(System):
+    """A transcriber's output on the text path: Whisper+LLM or CTC+LLM."""
+
+    kind = "cascade"
+
+    def __init__(
+        self,
+        transcriber: Transcriber | Callable[[], Transcriber],
+        model: ModelHandle | Any,
+        name: str = "Whisper+LLM",
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__(name, model if isinstance(model, ModelHandle) else ModelHandle(model))
+        self._transcriber = transcriber if hasattr(transcriber, "transcribe") else None
+        self._factory = None if self._transcriber is not None else transcriber
+        self._error: Exception | None = None
+        self.batch_size = batch_size
+
+    @property
+    def transcriber(self) -> Transcriber:
+        if self._transcriber is None:
+            if self._error is not None:
+                raise self._error
+            assert self._factory is not None
+            try:
+                self._transcriber = self._factory()
+            except Exception as e:  # e.g. the ASR model cannot load: fail fast from now on
+                self._error = e
+                raise
+        return self._transcriber
+
+    def _call(self, audios: list[np.ndarray], lang: str | None) -> list[str]:
+        fn = self.transcriber.transcribe
+        try:
+            takes_lang = "language" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_lang = False
+        out = fn(audios, language=lang) if takes_lang and lang else fn(audios)
+        if len(out) != len(audios):
+            raise BlspError(f"transcriber returned {len(out)} transcripts for {len(audios)} clips")
+        return [str(t) for t in out]
+
+    def transcribe(self, items, audios):
+        results: list[str | Exception] = [BlspError("no audio")] * len(items)
+        idx = [i for i, a in enumerate(audios) if a is not None]
+        by_lang: dict[str | None, list[int]] = {}
+        for i in idx:
+            by_lang.setdefault(items[i].get("lang"), []).append(i)
+        for lang, ids in by_lang.items():
+            for s in range(0, len(ids), self.batch_size):
+                chunk = ids[s : s + self.batch_size]
+                try:
+                    texts = self._call([audios[i] for i in chunk], lang)
+                    for i, t in zip(chunk, texts, strict=True):
+                        results[i] = t
+                except Exception as e:  # retry one by one: one bad clip must not sink the batch
+                    log.warning("%s: transcribing a batch failed (%s); retrying one by one", self.name, e)
+                    for i in chunk:
+                        try:
+                            results[i] = self._call([audios[i]], lang)[0]
+                        except Exception as e1:
+                            results[i] = e1
+        return results
+
+    def conversation(self, instruction, item, audio, transcript):
+        from blsp.models.prompt import make_conversation
+
+        if transcript is None:
+            raise BlspError(f"item {item.get('id')!r}: no transcript from {self.name}'s ASR")
+        return make_conversation(instruction, transcript=transcript)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["transcriber"] = type(self._transcriber).__name__ if self._transcriber is not None else "lazy"
+        return d
+
+    def release(self) -> None:
+        if self._factory is not None:
+            self._transcriber = None
+
+
+def whisper_transcriber(ref: str = "whisper-base", device: str = "cpu") -> Callable[[], Transcriber]:
+    """A lazy factory of ``blsp.models.asr.WhisperTranscriber(ref)``."""
+
+    def make() -> Transcriber:
+        from blsp.models.asr import WhisperTranscriber
+
+        return WhisperTranscriber(ref, device=device)
+
+    return make
+
+
+def ctc_transcriber(path: str | Path, device: str | None = None) -> Callable[[], Transcriber]:
+    """A lazy factory of the CTC baseline's transcriber for a CTC adapter folder."""
+
+    def make() -> Transcriber:
+        try:
+            from blsp.training.ctc import CtcTranscriber  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise BlspError(f"the CTC baseline is not available in this install ({e})") from e
+        return CtcTranscriber.from_pretrained(path, device=device)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# System specs for the command line
+
+
+def parse_system_specs(
+    specs: Sequence[str],
+    base: str | None = None,
+    encoder: str | None = None,
+    llm: str | None = None,
+    device: str | None = None,
+) -> list[System]:
+    """Systems from ``[NAME=]KIND[:ARG]`` specs.
+
+    Kinds: ``blsp:DIR`` (an adapter folder; also ``asr-pretrain:DIR``), ``text`` (Text+LLM),
+    ``whisper[:REF]`` (Whisper+LLM, default whisper-base), ``ctc:DIR`` (CTC+LLM). The text path of
+    ``text``/``whisper``/``ctc`` uses ``base`` (an adapter folder), else the first ``blsp`` folder,
+    else a model built from ``encoder``/``llm`` (the adapter does not matter on the text path).
+    """
+    parsed: list[tuple[str | None, str, str]] = []
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep:
+            name, rest = None, spec
+        kind, _, arg = rest.partition(":")
+        kind = kind.strip().lower()
+        if kind not in ("blsp", "asr-pretrain", "text", "whisper", "ctc"):
+            if Path(rest).is_dir():  # a bare adapter folder
+                kind, arg = "blsp", rest
+            else:
+                raise BlspError(
+                    f"system spec {spec!r}: unknown kind {kind!r} (expected blsp:DIR, asr-pretrain:DIR, text, whisper[:REF], ctc:DIR)"
+                )
+        if kind in ("blsp", "asr-pretrain", "ctc") and not arg:
+            raise BlspError(f"system spec {spec!r}: {kind} needs a folder, e.g. {kind}:runs/adapter")
+        parsed.append((name, kind, arg))
+
+    handles: dict[str, ModelHandle] = {}
+
+    def handle_for(path: str) -> ModelHandle:
+        key = str(Path(path).resolve())
+        if key not in handles:
+            handles[key] = ModelHandle(path, device=device)
+        return handles[key]
+
+    base_handle: ModelHandle | None = None
+    if base:
+        base_handle = handle_for(base)
+    else:
+        first = next((a for _, k, a in parsed if k in ("blsp", "asr-pretrain")), None)
+        if first:
+            base_handle = handle_for(first)
+
+    def text_handle() -> ModelHandle:
+        nonlocal base_handle
+        if base_handle is None:
+            from blsp.models.configuration_blsp import BlspConfig
+
+            kw = {k: v for k, v in (("encoder", encoder), ("llm", llm)) if v}
+            base_handle = ModelHandle(BlspConfig(**kw), device=device)
+        return base_handle
+
+    systems: list[System] = []
+    names: set[str] = set()
+    for name, kind, arg in parsed:
+        if kind in ("blsp", "asr-pretrain"):
+            default = "ASR pretraining" if kind == "asr-pretrain" else Path(arg).name or "BLSP"
+            sys_: System = BlspSystem(handle_for(arg), name=name or default)
+        elif kind == "text":
+            sys_ = TextSystem(text_handle(), name=name or "Text+LLM")
+        elif kind == "whisper":
+            sys_ = CascadeSystem(
+                whisper_transcriber(arg or "whisper-base", device or "cpu"),
+                text_handle(),
+                name=name or "Whisper+LLM",
+            )
+        else:
+            sys_ = CascadeSystem(ctc_transcriber(arg, device), text_handle(), name=name or "CTC+LLM")
+        if sys_.name in names:
+            raise BlspError(f"two systems are named {sys_.name!r}; name them with NAME=KIND:ARG")
+        names.add(sys_.name)
+        systems.append(sys_)
+    return systems

@@ -1,0 +1,57 @@
+"""``blsp train CONFIG.yaml [--set KEY=VALUE ...] [--resume [RUN_OR_CHECKPOINT]]``.
+
+Runs one recipe (configs/*.yaml): BLSP adapter training (``ce``/``kl``/``ce+kl``), the ASR-
+pretraining and CTC baselines, LoRA fine-tuning, or stage-1 instruction tuning. Under
+``torchrun --nproc_per_node N -m blsp.cli train ...`` (or ``accelerate launch``) it trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an adapter / baseline / fine-tune from a YAML recipe (configs/*.yaml)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML recipe, e.g. configs/blsp.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (dotted key, YAML value), e.g. --set train.lr=1e-4; repeatable",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue the run in run.output_dir (or the given run / checkpoint folder) from its last checkpoint",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from blsp.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from blsp.training.trainer import train
+
+    summary = train(cfg, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0

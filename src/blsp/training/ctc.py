@@ -1,0 +1,221 @@
+"""The CTC baseline's ASR model: the BLSP encoder and adapter plus a CTC projector (paper 4.2).
+
+The projector is ``model.extra["ctc"]``, a linear layer on the adapter output, saved and loaded
+with the adapter (``BlspConfig.ctc_vocab_size`` and the ``ctc_*`` fields below in config.json).
+Labels are the LLM tokenizer's vocabulary (default) or characters; the adapter runs at about 6
+frames a second, fewer than characters are spoken, so ``upsample`` lets each frame emit several
+labels. :class:`CtcTranscriber` greedily decodes speech to text for the CTC+LLM cascade.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blsp.errors import AudioError, ModelLoadError
+from blsp.training.data import Example
+
+CHARS = " abcdefghijklmnopqrstuvwxyz'0123456789"
+_PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower-case, punctuation removed (apostrophes kept), single spaces."""
+    return _SPACES.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+class CtcVocab:
+    """CTC labels: the tokenizer's ids plus a blank (last), or characters with blank 0."""
+
+    def __init__(self, kind: str, tokenizer: Any = None, normalize: bool = True) -> None:
+        if kind not in ("tokenizer", "chars"):
+            raise ValueError(f"CTC vocabulary must be tokenizer or chars, not {kind!r}")
+        self.kind = kind
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+        if kind == "tokenizer":
+            self.size = len(tokenizer) + 1
+            self.blank = len(tokenizer)
+        else:
+            self.size = len(CHARS) + 1
+            self.blank = 0
+            self._index = {c: i + 1 for i, c in enumerate(CHARS)}
+
+    def encode(self, text: str) -> list[int]:
+        if self.normalize:
+            text = normalize_transcript(text)
+        if self.kind == "tokenizer":
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [self._index[c] for c in text.lower() if c in self._index]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "tokenizer":
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return "".join(CHARS[i - 1] for i in ids if 0 < i <= len(CHARS)).strip()
+
+
+def configure_ctc(config: Any, tokenizer: Any, kind: str, upsample: int, normalize: bool) -> CtcVocab:
+    """Set the ``ctc_*`` fields of a ``BlspConfig`` (before the model is built) and return the vocab."""
+    vocab = CtcVocab(kind, tokenizer, normalize)
+    config.ctc_vocab_size = vocab.size * upsample
+    config.ctc_vocab = kind
+    config.ctc_upsample = upsample
+    config.ctc_normalize = normalize
+    return vocab
+
+
+def vocab_of(model: Any) -> tuple[CtcVocab, int]:
+    cfg = model.config
+    if "ctc" not in model.extra or not getattr(cfg, "ctc_vocab", None):
+        raise ModelLoadError("this BLSP model has no CTC projector (train one with objective: ctc)")
+    upsample = int(getattr(cfg, "ctc_upsample", 1))
+    vocab = CtcVocab(cfg.ctc_vocab, model.tokenizer, bool(getattr(cfg, "ctc_normalize", True)))
+    if vocab.size * upsample != cfg.ctc_vocab_size:
+        raise ModelLoadError(
+            f"CTC projector has {cfg.ctc_vocab_size} outputs but vocabulary {cfg.ctc_vocab!r} x upsample "
+            f"{upsample} needs {vocab.size * upsample} (a different tokenizer?)"
+        )
+    return vocab, upsample
+
+
+def ctc_log_probs(
+    model: Any, upsample: int, size: int, **speech: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_probs [N, T*upsample, size], lengths [N])`` from features or encoder states."""
+    y, lengths = model.speech_embeddings(**speech)
+    logits = model.extra["ctc"](y.to(model.extra["ctc"].weight.dtype))
+    n, t, _ = logits.shape
+    logits = logits.reshape(n, t * upsample, size)
+    return F.log_softmax(logits.float(), dim=-1), lengths * upsample
+
+
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    best = log_probs.argmax(-1).tolist()
+    out = []
+    for row, n in zip(best, lengths.tolist(), strict=True):
+        ids, prev = [], None
+        for t in row[: int(n)]:
+            if t != prev and t != blank:
+                ids.append(t)
+            prev = t
+        out.append(ids)
+    return out
+
+
+class CtcCollator:
+    """Examples -> padded log-mel (or cached encoder states) and CTC targets."""
+
+    def __init__(self, model: Any, vocab: CtcVocab, upsample: int, cache: Any = None) -> None:
+        from blsp.training.objectives import BlspCollator
+
+        self.model = model
+        self.vocab = vocab
+        self.upsample = upsample
+        self._speech = BlspCollator(model, cache=cache)
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        feats, cached, refs, ids, targets, skipped = [], [], [], [], [], []
+        for ex in examples:
+            text = ex.transcript if ex.transcript is not None else ex.response
+            target = self.vocab.encode(text)
+            if not target:
+                skipped.append((ex.id, "empty transcript after normalisation"))
+                continue
+            try:
+                f, hidden = self._speech.speech_part(ex)
+            except AudioError as e:
+                skipped.append((ex.id, str(e)))
+                continue
+            frames = self.model.speech_length(f.shape[-1]) * self.upsample
+            if len(target) > frames:
+                skipped.append((ex.id, f"{len(target)} CTC labels for {frames} frames (raise ctc.upsample)"))
+                continue
+            feats.append(f)
+            cached.append(hidden)
+            refs.append(ex.audio)
+            ids.append(ex.id)
+            targets.append(target)
+        out: dict[str, Any] = {"ids": ids, "skipped": skipped, "count": sum(len(t) for t in targets)}
+        if not feats:
+            return out
+        lengths = torch.tensor([f.shape[-1] for f in feats])
+        x = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()))
+        for i, f in enumerate(feats):
+            x[i, :, : f.shape[-1]] = f
+        out["student"] = {"input_features": x, "feature_lengths": lengths}
+        out["cached"], out["refs"] = cached, refs
+        out["targets"] = torch.tensor([t for tg in targets for t in tg], dtype=torch.long)
+        out["target_lengths"] = torch.tensor([len(t) for t in targets], dtype=torch.long)
+        return out
+
+
+class CtcLoss(nn.Module):
+    """``forward(student, targets, target_lengths) -> {"loss_sum", "count"}`` (sum over utterances)."""
+
+    def __init__(self, model: Any, vocab: CtcVocab, upsample: int) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+        self.upsample = upsample
+
+    def forward(
+        self, student: dict[str, torch.Tensor], targets: torch.Tensor, target_lengths: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        log_probs, lengths = ctc_log_probs(self.model, self.upsample, self.vocab.size, **student)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets.to(log_probs.device),
+            lengths,
+            target_lengths.to(log_probs.device),
+            blank=self.vocab.blank,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        count = target_lengths.sum().to(loss.device)
+        return {"loss_sum": loss, "count": count, "ctc_sum": loss.detach()}
+
+
+class CtcTranscriber:
+    """Greedy CTC speech recognition with a trained BLSP encoder + adapter + CTC projector."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vocab, self.upsample = vocab_of(model)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> CtcTranscriber:
+        from blsp.models.modeling_blsp import BlspModel
+
+        return cls(BlspModel.from_pretrained(path, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def transcribe(self, audios: list[np.ndarray | str | Path], batch_size: int = 8) -> list[str]:
+        """Text of each clip (16 kHz float32 arrays, or audio paths)."""
+        from blsp.data.audio import load_audio
+
+        enc = self.model.encoder
+        out: list[str] = []
+        for i in range(0, len(audios), batch_size):
+            chunk = audios[i : i + batch_size]
+            feats = []
+            for a in chunk:
+                wav = load_audio(a, sr=enc.sampling_rate) if isinstance(a, str | Path) else np.asarray(a)
+                feats.append(enc.features(wav))
+            lengths = torch.tensor([f.shape[-1] for f in feats])
+            x = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()))
+            for j, f in enumerate(feats):
+                x[j, :, : f.shape[-1]] = f
+            log_probs, out_len = ctc_log_probs(
+                self.model, self.upsample, self.vocab.size, input_features=x, feature_lengths=lengths
+            )
+            out += [self.vocab.decode(ids) for ids in greedy_decode(log_probs, out_len, self.vocab.blank)]
+        return out

@@ -1,0 +1,584 @@
+"""The training loop: AdamW on trainable weights, warmup + decay, accumulation, DDP, resume.
+
+``train(cfg, resume=...)`` runs a recipe to the end and returns its summary. The same call under
+``torchrun --nproc_per_node N`` (or ``accelerate launch``) trains with DDP: gloo on CPU, NCCL on
+GPU; each rank takes its share of every global batch (see :class:`~blsp.training.data.BatchPlan`)
+and rank 0 alone writes checkpoints, logs and the final weights.
+
+The loss of a step is the sum of per-token losses over the whole global batch divided by its number
+of target tokens, so 1 process x k accumulation steps and k processes x 1 step give the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from blsp.errors import BlspError
+from blsp.training import checkpoint as ck
+from blsp.training.config import Config, config_from_dict
+from blsp.training.data import BatchPlan, load_examples, shard_eval, stable_int, total_steps, worker_init
+from blsp.training.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "log.jsonl"
+FINAL_DIR = "final"
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Join the process group that torchrun / accelerate launch describe in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    if want == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(want)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.distributed.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s)
+        )
+        if device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def _all_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_gather(obj: Any, d: Dist) -> list[Any]:
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- optimisation
+def make_optimizer(task: Task, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over trainable weights only; no weight decay on biases and norms (as HF Trainer)."""
+    decay, no_decay = [], []
+    for _name, p in task.trainable():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise BlspError("nothing to train: no weight requires a gradient")
+    t = cfg.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
+    )
+
+
+def lr_lambda(cfg: Config, total: int):
+    """Linear warmup to ``lr``, then linear / cosine decay to ``min_lr_ratio * lr`` (or constant)."""
+    warm = cfg.train.warmup_steps
+    kind = cfg.train.scheduler
+    floor = cfg.train.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        span = max(1, total - warm)
+        progress = min(1.0, (step - warm) / span)
+        if kind == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return f
+
+
+def _autocast(cfg: Config, device: torch.device):
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- run folder
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [f"{prefix}: {b!r} in the run, {a!r} now"]
+
+
+def prepare_run_dir(cfg: Config, resume: bool | str) -> tuple[Path, Path | None]:
+    """``(run_dir, checkpoint to resume from or None)``; checks a resumed run's config."""
+    import yaml
+
+    run_dir = cfg.output_dir
+    ckpt: Path | None = None
+    if isinstance(resume, str) and resume:
+        p = Path(resume)
+        if (p / ck.META).is_file():
+            ckpt, run_dir = p, p.parent.parent
+        else:
+            run_dir = p
+        if not run_dir.is_dir():
+            raise BlspError(f"--resume {resume}: no such run folder")
+    ckpt_dir = run_dir / "checkpoints"
+    saved = run_dir / CONFIG_FILE
+    if resume:
+        if saved.is_file():
+            try:
+                old = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")), source=str(saved))
+            except BlspError as e:
+                raise BlspError(f"--resume: {saved} is not a config of this version ({e})") from e
+            now, then = cfg.identity(), old.identity()
+            now["run"].pop("output_dir"), then["run"].pop("output_dir")
+            diffs = _diff(now, then)
+            if diffs:
+                raise BlspError(
+                    f"--resume: {run_dir} was trained with another config; differences: "
+                    + "; ".join(diffs[:8])
+                    + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+                )
+        elif ck.list_checkpoints(ckpt_dir):
+            raise BlspError(f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; cannot check it")
+        if ckpt is None:
+            ckpt = ck.latest_checkpoint(ckpt_dir)
+        if ckpt is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from the beginning", ckpt_dir)
+    elif ck.list_checkpoints(ckpt_dir) or (run_dir / FINAL_DIR).exists():
+        raise BlspError(
+            f"{run_dir} already holds a run (checkpoints or final weights): pass --resume to continue it, "
+            "or set run.output_dir to a new folder"
+        )
+    return run_dir, ckpt
+
+
+# --------------------------------------------------------------------------- loop helpers
+class _Wrapper(torch.nn.Module):
+    """Holds the task's loss module; an empty micro-batch gives a zero loss touching every trainable
+    weight so DDP's gradient reduction still takes place on every rank."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, inputs: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        if inputs is None:
+            params = [p for p in self.loss.parameters() if p.requires_grad]
+            zero = sum((p.sum() * 0.0 for p in params), torch.zeros((), device=params[0].device))
+            return {"loss_sum": zero, "count": torch.zeros((), device=zero.device)}
+        return self.loss(**inputs)
+
+
+class _StepSampler:
+    """Micro-batches of this rank from ``start`` to ``stop`` (global steps)."""
+
+    def __init__(self, plan: BatchPlan, rank: int, start: int, stop: int) -> None:
+        self.plan, self.rank, self.start, self.stop = plan, rank, start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            epoch, k = self.plan.position(step)
+            yield from self.plan.micro_batches(epoch, k, self.rank)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.plan.accumulation
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+# --------------------------------------------------------------------------- train
+def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[str, Any]:
+    """Run the recipe ``cfg``; returns the summary (also written to ``<run>/summary.json``).
+
+    ``resume``: True continues ``run.output_dir`` from its last checkpoint; a path names a run or
+    checkpoint folder. ``model``: an already loaded ``BlspModel`` to train (ce/kl objectives) in
+    place of the one ``cfg.model`` describes; its adapter is updated in place.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    from blsp.utils.io import JsonlAppender, atomic_write_json, atomic_write_text
+
+    d = init_distributed(cfg)
+    try:
+        run_dir, ckpt = prepare_run_dir(cfg, resume)
+        ckpt_dir = run_dir / "checkpoints"
+        if d.main:
+            ck.clean_partial(ckpt_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = copy.deepcopy(cfg)
+            resolved.run.output_dir = str(run_dir)
+            atomic_write_text(run_dir / CONFIG_FILE, resolved.to_yaml())
+        _barrier(d)
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        task = build_task(cfg, d.device, model=model)
+        sources = load_examples(cfg.data.train, cfg.data, cfg.train.seed, task.needs_transcript)
+        plan = BatchPlan(
+            sources,
+            [s.weight for s in cfg.data.train],
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            world_size=d.world_size,
+            seed=cfg.train.seed,
+            group_by_length=cfg.data.group_by_length,
+            megabatch_factor=cfg.data.megabatch_factor,
+            epoch_size=cfg.data.epoch_size,
+        )
+        if d.main:
+            task.check_examples(plan.flat)
+        eval_examples = []
+        if cfg.data.eval:
+            eval_sets = load_examples(cfg.data.eval, cfg.data, cfg.train.seed, task.needs_transcript)
+            eval_examples = [e for s in eval_sets for e in s][: cfg.data.eval_max_examples]
+        total = total_steps(plan, cfg.train.epochs, cfg.train.max_steps)
+
+        optimizer = make_optimizer(task, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+        start = 0
+        state: dict[str, Any] = {}
+        if ckpt is not None:
+            task.load(ckpt / ck.WEIGHTS)
+            state = ck.load_trainer_state(ckpt)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+            rngs = state.get("rng") or []
+            if len(rngs) == d.world_size:
+                ck.set_rng_state(rngs[d.rank])
+            if d.main:
+                log.info("resumed from %s at step %d", ckpt, start)
+        trainer = _Loop(cfg, d, task, plan, optimizer, scheduler, run_dir, total, eval_examples, state)
+        module = _Wrapper(task.loss)
+        if d.enabled:
+            # frozen weights and buffers are identical on every rank: keep them out of DDP's syncing
+            frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _b in module.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+            module = DistributedDataParallel(
+                module,
+                device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                find_unused_parameters=False,
+            )
+        trainer.module = module
+        loader = DataLoader(
+            _IndexDataset(plan),
+            batch_sampler=_StepSampler(plan, d.rank, start, total),
+            collate_fn=task.collate,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=worker_init if cfg.data.num_workers else None,
+            persistent_workers=False,
+        )
+        logger = JsonlAppender(run_dir / LOG_FILE, id_key="key") if d.main else None
+        try:
+            summary = trainer.run(start, iter(loader), logger)
+        finally:
+            if logger is not None:
+                logger.close()
+            trainer.close()
+        if d.main:
+            atomic_write_json(run_dir / SUMMARY_FILE, summary)
+        _barrier(d)
+        return summary
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, plan: BatchPlan) -> None:
+        self.flat = plan.flat
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def __getitem__(self, i: int):
+        return self.flat[i]
+
+
+class _Loop:
+    def __init__(
+        self,
+        cfg: Config,
+        d: Dist,
+        task: Task,
+        plan: BatchPlan,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        run_dir: Path,
+        total: int,
+        eval_examples: list[Any],
+        state: dict[str, Any],
+    ) -> None:
+        self.cfg, self.d, self.task, self.plan = cfg, d, task, plan
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.run_dir, self.total = run_dir, total
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.eval_examples = eval_examples
+        self.module: torch.nn.Module = task.loss
+        self.params = [p for _n, p in task.trainable()]
+        self.history: dict[str, Any] = state.get("history") or {
+            "first_loss": None,
+            "samples": 0,
+            "tokens": 0,
+            "skipped": 0,
+            "train_time_s": 0.0,
+            "eval": [],
+        }
+        self.writer = None
+        if d.main and cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is an optional dependency
+                log.warning("tensorboard is not installed; no event files are written")
+        self.bar = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
+        d, cfg = self.d, self.cfg
+        counts = [float(b["count"]) for b in batches]
+        skipped = [s for b in batches for s in b["skipped"]]
+        global_count, n_skipped, n_samples = _all_sum(
+            [sum(counts), float(len(skipped)), float(sum(len(b["ids"]) for b in batches))], d
+        )
+        for ex_id, why in skipped:
+            log.warning("step %d: skipped example %s: %s", step + 1, ex_id, why)
+        if global_count == 0:
+            log.warning("step %d: no usable example in the global batch; no update", step + 1)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            return {"loss": float("nan"), "lr": lr, "samples": n_samples, "skipped": n_skipped, "tokens": 0}
+        torch.manual_seed(stable_int(cfg.train.seed, "step", step, d.rank) % 2**63)
+        self.task.train_mode(True)
+        loss_sum, parts, bad_ids = 0.0, {}, []
+        scale = d.world_size / global_count
+        for j, b in enumerate(batches):
+            last = j == len(batches) - 1
+            sync = contextlib.nullcontext() if (last or not d.enabled) else self.module.no_sync()
+            with sync:
+                inputs = self.task.inputs(b) if b["count"] else None
+                with _autocast(cfg, d.device):
+                    out = self.module(inputs)
+                loss = out["loss_sum"]
+                if not torch.isfinite(loss.detach()):
+                    bad_ids += b["ids"]
+                (loss * scale).backward()
+            loss_sum += float(loss.detach())
+            for k, v in out.items():
+                if k.endswith("_sum") and k != "loss_sum":
+                    parts[k] = parts.get(k, 0.0) + float(v)
+        keys = sorted(parts)
+        totals = _all_sum([loss_sum, float(len(bad_ids))] + [parts[k] for k in keys], d)
+        if totals[1] > 0:
+            self._fail(step, "non-finite loss", bad_ids)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self._fail(step, "non-finite gradient norm", [i for b in batches for i in b["ids"]])
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": totals[0] / global_count, "grad_norm": float(grad_norm), "lr": lr}
+        for k, v in zip(keys, totals[2:], strict=True):
+            metrics[k.removesuffix("_sum")] = v / global_count
+        metrics.update(samples=n_samples, skipped=n_skipped, tokens=global_count)
+        return metrics
+
+    def _fail(self, step: int, what: str, ids: list[str]) -> None:
+        all_ids = [i for part in _all_gather(ids, self.d) for i in part]
+        last = ck.latest_checkpoint(self.ckpt_dir)
+        shown = ", ".join(all_ids[:16]) + (f" (and {len(all_ids) - 16} more)" if len(all_ids) > 16 else "")
+        raise BlspError(
+            f"{what} at step {step + 1} (epoch {self.plan.position(step)[0]}); batch ids: {shown}; "
+            f"training stopped; last good checkpoint: {last if last else 'none'}"
+        )
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_examples:
+            return None
+        d = self.d
+        self.task.train_mode(False)
+        loss_sum, count = 0.0, 0.0
+        mbs = shard_eval(self.eval_examples, d.rank, d.world_size, self.cfg.train.micro_batch_size)
+        for idx in mbs:
+            b = self.task.collate([self.eval_examples[i] for i in idx])
+            if not b["count"]:
+                continue
+            with _autocast(self.cfg, d.device):
+                out = self.task.loss(**self.task.inputs(b))
+            loss_sum += float(out["loss_sum"])
+            count += float(out["count"])
+        loss_sum, count = _all_sum([loss_sum, count], d)
+        return loss_sum / count if count else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int) -> None:
+        rngs = _all_gather(ck.rng_state(), self.d)
+        if not self.d.main:
+            return
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": step,
+            "position": self.plan.position(step),
+            "rng": rngs,
+            "history": self.history,
+            "world_size": self.d.world_size,
+        }
+        meta = {
+            "objective": self.cfg.train.objective,
+            "name": self.cfg.name,
+            "position": list(self.plan.position(step)),
+        }
+        path = ck.save_checkpoint(self.ckpt_dir, step, self.task.save, state, meta, self.cfg.run.keep_last)
+        log.info("checkpoint %s", path)
+
+    # ------------------------------------------------------------------ run
+    def run(self, start: int, batches: Any, logger: Any) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, d, h = self.cfg, self.d, self.history
+        if d.main and cfg.run.progress:
+            self.bar = tqdm(
+                total=self.total, initial=start, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True
+            )
+        window_t, window_n = time.perf_counter(), 0.0
+        last_metrics: dict[str, float] = {}
+        eval_loss = h["eval"][-1][1] if h["eval"] else None
+        for step in range(start, self.total):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(self.plan.accumulation)]
+            m = self._step(step, micro)
+            h["train_time_s"] += time.perf_counter() - t0
+            h["samples"] += int(m["samples"])
+            h["tokens"] += int(m["tokens"])
+            h["skipped"] += int(m["skipped"])
+            if h["first_loss"] is None and math.isfinite(m["loss"]):
+                h["first_loss"] = m["loss"]
+            last_metrics = m
+            window_n += m["samples"]
+            done = step + 1
+            lr = m["lr"]
+            if done % cfg.run.log_every == 0 or done == self.total:
+                now = time.perf_counter()
+                sps = window_n / max(now - window_t, 1e-9)
+                window_t, window_n = now, 0.0
+                if d.main:
+                    row = {"key": f"train-{done}", "step": done, "samples_per_s": sps, **m}
+                    logger.append([row])
+                    if self.writer is not None:
+                        for k in ("loss", "grad_norm", "ce", "kl", "ctc"):
+                            if k in m:
+                                self.writer.add_scalar(f"train/{k}", m[k], done)
+                        self.writer.add_scalar("train/lr", lr, done)
+                        self.writer.add_scalar("train/samples_per_s", sps, done)
+                    if self.bar is not None:
+                        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.eval_examples and (done % cfg.run.eval_every == 0 or done == self.total):
+                eval_loss = self.evaluate()
+                h["eval"].append([done, eval_loss])
+                if d.main and eval_loss is not None:
+                    logger.append([{"key": f"eval-{done}", "step": done, "eval_loss": eval_loss}])
+                    if self.writer is not None:
+                        self.writer.add_scalar("eval/loss", eval_loss, done)
+                    if self.bar is not None:
+                        self.bar.write(f"step {done}: held-out loss {eval_loss:.4f}")
+            if done % cfg.run.save_every == 0 or done == self.total:
+                self.save(done)
+        final = self.run_dir / FINAL_DIR
+        if d.main:
+            ck.publish_dir(self.task.save_final, final)
+        summary = {
+            "name": cfg.name,
+            "objective": cfg.train.objective,
+            "steps": self.total,
+            "world_size": d.world_size,
+            "global_batch_size": cfg.train.global_batch_size,
+            "samples": h["samples"],
+            "target_tokens": h["tokens"],
+            "skipped_examples": h["skipped"],
+            "first_loss": h["first_loss"],
+            "final_loss": last_metrics.get("loss"),
+            "eval_loss": eval_loss,
+            "eval_history": h["eval"],
+            "train_time_s": h["train_time_s"],
+            "samples_per_s": h["samples"] / h["train_time_s"] if h["train_time_s"] else None,
+            "encoder_cache": (
+                {"served": self.task.cache.served, "encoded": self.task.cache.encoded}
+                if self.task.cache
+                else None
+            ),
+            "final_weights": str(final),
+            **_peak_memory_mb(d.device),
+        }
+        return summary

@@ -1,0 +1,83 @@
+"""Task instructions (paper Table 11), specs of tasks and systems, the judge's verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from blsp.errors import BlspError
+from blsp.evaluation.judge import JUDGE_PROMPT, judge_prompt, make_judge, parse_verdict
+from blsp.evaluation.systems import BlspSystem, CascadeSystem, TextSystem, parse_system_specs
+from blsp.evaluation.tasks import make_task, parse_task_spec
+from blsp.instructions import CONTINUATION, REPETITION, task_instruction
+
+
+def test_task_instructions_are_the_papers():
+    assert make_task("asr", []).instruction == "Please repeat the following words."
+    assert (
+        make_task("st:de", []).instruction == "Please translate the following English text into German text."
+    )
+    assert make_task("st:French", []).target_lang == "fr"
+    assert (
+        make_task("x2en:de", []).instruction
+        == "Please translate the following German text into English text."
+    )
+    assert make_task("sentiment", []).instruction == task_instruction("sentiment")
+    assert (
+        make_task("fsc", []).instruction == task_instruction("fsc") and len(make_task("fsc", []).labels) == 18
+    )
+    items = [{"id": "1", "label": "SwitchLightOn"}, {"id": "2", "label": "SetLightColor"}]
+    assert make_task("intent", items).instruction == task_instruction("snips")  # subset of SNIPS light
+    other = make_task("intent", [{"id": "1", "intent": "PlayMusic"}, {"id": "2", "intent": "GetWeather"}])
+    assert other.instruction == "Please classify the intent of the text, choose from [GetWeather, PlayMusic]."
+    assert make_task("align", []).instruction == CONTINUATION
+    assert make_task("align:repetition", []).instruction == REPETITION
+    assert make_task("align:x2en:zh", []).instruction.startswith(
+        "Please translate the following Chinese text"
+    )
+    assert parse_task_spec("st:de@tts-st-en") == ("st:de", "tts-st-en")
+    assert parse_task_spec("asr") == ("asr", None)
+    qa = make_task("qa", [{"id": "q", "question": "Who?", "answer": "Anna"}])
+    assert qa.instruction_for(qa.items[0]) == "Who?" and qa.reference(qa.items[0]) == "Anna"
+    with pytest.raises(BlspError, match="question"):
+        qa.instruction_for({"id": "x"})
+    with pytest.raises(BlspError):
+        make_task("st", [])
+
+
+def test_system_specs_share_the_text_path_model(tmp_path):
+    a, b = tmp_path / "blsp", tmp_path / "rp"
+    a.mkdir(), b.mkdir()
+    systems = parse_system_specs(
+        [f"blsp:{a}", f"BLSP+RP=blsp:{b}", "text", "whisper:whisper-tiny.en", f"asr-pretrain:{b}"]
+    )
+    names = [s.name for s in systems]
+    assert names == ["blsp", "BLSP+RP", "Text+LLM", "Whisper+LLM", "ASR pretraining"]
+    assert isinstance(systems[0], BlspSystem) and isinstance(systems[2], TextSystem)
+    assert isinstance(systems[3], CascadeSystem)
+    # Text+LLM and Whisper+LLM use the first adapter's model (loaded once); same folder -> same handle
+    assert systems[2].model_handle is systems[0].model_handle is systems[3].model_handle
+    assert systems[1].model_handle is systems[4].model_handle
+    assert not systems[0].model_handle.loaded  # nothing loads until a system runs
+    with pytest.raises(BlspError, match="two systems"):
+        parse_system_specs(["text", "text"])
+    with pytest.raises(BlspError, match="unknown kind"):
+        parse_system_specs(["gpt4"])
+    with pytest.raises(BlspError, match="needs a folder"):
+        parse_system_specs(["ctc"])
+    base = parse_system_specs(["text"], encoder="whisper-tiny.en", llm="smollm2-135m-instruct")[0]
+    assert "whisper-tiny.en" in base.model_handle.label
+
+
+def test_judge_prompt_and_verdicts():
+    p = judge_prompt("What time?", "we meet at seven", "At seven.")
+    assert p.startswith("Given a question, related input, and answer")
+    assert "Question: What time?\nInput: we meet at seven\nAnswer: At seven.\nYour output:" in p
+    assert "${" in JUDGE_PROMPT and "${" not in p
+    assert parse_verdict("Acceptable") is True
+    assert parse_verdict("unacceptable.") is False
+    assert parse_verdict("The answer is not acceptable") is False
+    assert parse_verdict("I am not sure") is None
+    assert make_judge(None) is None
+    assert make_judge("openai:gpt-4o-mini@http://127.0.0.1:9/v1").name.startswith("openai:gpt-4o-mini")
+    with pytest.raises(BlspError):
+        make_judge("openai:nomodel")
