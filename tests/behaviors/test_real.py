@@ -96,7 +96,7 @@ def test_cli_continuation_and_repetition_use_the_training_prompt(real_model, man
         assert r["response"] and r["response_tokens"] <= 24
         assert r["generation"] == {
             "backend": "transformers",
-            "batching": "static",
+            "batching": "shrink",
             "model": "smollm2-135m-instruct",
             "prompt_template": "auto",
             "chat_template": True,

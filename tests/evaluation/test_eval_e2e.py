@@ -230,3 +230,14 @@ def test_model_handle_shares_and_releases(tiny_blsp_config, tmp_path, tiny_model
     ready = ModelHandle(tiny_model)
     ready.release()  # a model given ready is the caller's: kept
     assert ready.get() is tiny_model
+
+
+def test_text_system_on_a_set_without_transcripts_is_not_applicable(tiny_model, toy_manifest, tmp_path):
+    from blsp.evaluation.testsets import load_testset
+
+    _, items = load_testset(str(toy_manifest))
+    spoken_only = [{k: v for k, v in it.items() if k != "text"} for it in items[:2]]  # like picovoice-coffee
+    res = run_eval([TextSystem(tiny_model)], [make_task("sentiment", spoken_only, "coffee")], tmp_path / "o")
+    r = res["results"]["Text+LLM"]["sentiment@coffee"]
+    assert r["status"].startswith("n/a") and r["failed"] == 0
+    assert "| Text+LLM | n/a |" in results_to_markdown(res)

@@ -31,6 +31,7 @@ from blsp.errors import BlspError, ConfigError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm", "http")
+BATCHING = ("shrink", "static")
 
 
 @dataclass(frozen=True)
@@ -91,25 +92,24 @@ def _cut_at_stop(ids: list[int], stops: set[int], limit: int) -> tuple[list[int]
 
 
 class TransformersBackend:
-    """Batched HF generation on token-id prompts, stopping on the PromptBuilder's stop tokens.
+    """Batched generation with a transformers causal LM on token-id prompts (left padding, KV cache).
 
-    ``batching="static"``: one ``generate`` call per batch, left padding, KV cache; every row
-    runs until the batch's longest response ends. ``batching="continuous"``: transformers'
-    ``generate_batch`` (paged KV cache, no padding; a finished sequence frees its slot at once
-    for the next prompt), which wastes no compute on padding or finished rows.
+    Both modes stop on the PromptBuilder's stop tokens and decode greedily unless sampling:
+
+    - ``batching="shrink"`` (default): prefill the padded batch once, then decode step by step and
+      drop each finished sequence from the batch and its KV cache at once
+      (``DynamicCache.batch_select_indices``): on a compute-bound CPU a finished row costs nothing more.
+    - ``batching="static"``: one ``model.generate`` call per batch; every row runs until the batch's
+      longest response ends (what the original BLSP script and ``BlspModel.generate`` do).
     """
 
     name = "transformers"
 
     def __init__(
-        self, model: Any, tokenizer: Any, stop_token_ids: Sequence[int], batching: str = "static"
+        self, model: Any, tokenizer: Any, stop_token_ids: Sequence[int], batching: str = "shrink"
     ) -> None:
-        if batching not in ("static", "continuous"):
-            raise ConfigError(f"batching must be static or continuous, not {batching!r}")
-        if batching == "continuous" and not hasattr(model, "generate_batch"):
-            raise ConfigError(
-                "continuous batching needs a transformers version with generate_batch (>= 4.56)"
-            )
+        if batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING)}, not {batching!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batching = batching
@@ -137,6 +137,17 @@ class TransformersBackend:
         kept, finish = _cut_at_stop(generated, set(self.stop_token_ids), settings.max_new_tokens)
         return Completion(self.tokenizer.decode(kept, skip_special_tokens=True).strip(), finish, len(kept))
 
+    def _padded(self, prompts: Sequence[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: the last prompt token of every row is aligned
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        return ids, mask
+
     def generate(
         self, prompts: Sequence[list[int]], settings: GenerationSettings, seed: int | None = None
     ) -> list[Completion]:
@@ -146,45 +157,77 @@ class TransformersBackend:
             return []
         if settings.do_sample and seed is not None:
             torch.manual_seed(seed)
-        if self.batching == "continuous":
-            return self._generate_continuous(prompts, settings)
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: the last prompt token of every row is aligned
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=self.generation_config(settings),
-            )
-        return [self._completion(row, settings) for row in out[:, width:].tolist()]
+        if self.batching == "shrink":
+            rows = self._generate_shrinking(prompts, settings)
+        else:
+            ids, mask = self._padded(prompts)
+            device = next(self.model.parameters()).device
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=self.generation_config(settings),
+                )
+            rows = out[:, ids.shape[1] :].tolist()
+        return [self._completion(row, settings) for row in rows]
 
-    def _generate_continuous(
+    def _generate_shrinking(
         self, prompts: Sequence[list[int]], settings: GenerationSettings
-    ) -> list[Completion]:
-        from collections import defaultdict, deque
+    ) -> list[list[int]]:
+        import torch
+        from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-        results = self.model.generate_batch(
-            [list(p) for p in prompts], generation_config=self.generation_config(settings), progress_bar=False
-        )
-        # Results come back in input order; match them by prompt ids in case some request is missing.
-        by_prompt: dict[tuple[int, ...], deque] = defaultdict(deque)
-        for r in results.values():
-            by_prompt[tuple(r.prompt_ids)].append(r)
-        completions = []
-        for p in prompts:
-            queue = by_prompt.get(tuple(p))
-            r = queue.popleft() if queue else None
-            if r is None or r.error is not None:
-                error = "no result from generate_batch" if r is None else str(r.error)
-                completions.append(Completion("", "error", 0, error))
-            else:
-                completions.append(self._completion(list(r.generated_tokens), settings))
-        return completions
+        device = next(self.model.parameters()).device
+        ids, mask = self._padded(prompts)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from the attention mask
+        warpers = LogitsProcessorList()
+        if settings.do_sample:
+            if settings.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(settings.top_p))
+        stops = set(self.stop_token_ids)
+        generated: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))  # prompt index of each batch row
+        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:
+            cache = DynamicCache()
+        step_ids, step_pos, last_pos = ids, positions, positions[:, -1]
+        with torch.inference_mode():
+            for _ in range(settings.max_new_tokens):
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = out.logits[:, -1, :].float()
+                if settings.do_sample:
+                    probs = torch.softmax(warpers(None, logits), dim=-1)
+                    nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+                else:
+                    nxt = logits.argmax(-1)
+                keep = []
+                for row, token in enumerate(nxt.tolist()):
+                    seq = generated[active[row]]
+                    seq.append(token)
+                    if token not in stops and len(seq) < settings.max_new_tokens:
+                        keep.append(row)
+                if not keep:
+                    break
+                if len(keep) < len(active):  # drop finished rows from the batch and the KV cache
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, nxt, last_pos = mask[index], nxt[index], last_pos[index]
+                    active = [active[r] for r in keep]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                last_pos = last_pos + 1
+                step_ids, step_pos = nxt[:, None], last_pos[:, None]
+        return generated
 
     def close(self) -> None:
         pass

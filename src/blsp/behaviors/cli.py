@@ -60,9 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--backend", choices=("transformers", "vllm", "http"), default="transformers")
     m.add_argument(
         "--batching",
-        choices=("static", "continuous"),
-        default="static",
-        help="transformers backend: static padded batches (default) or continuous batching (generate_batch)",
+        choices=("shrink", "static"),
+        default="shrink",
+        help="transformers backend: shrink (default: finished responses leave the batch and its KV cache "
+        "at once) or static (one model.generate per batch; all rows run until the longest ends)",
     )
     m.add_argument(
         "--batch-size", type=int, help="prompts per batch (default: 16 transformers, 512 vllm, 64 http)"

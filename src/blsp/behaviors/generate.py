@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EXTRA_FIELDS = ("duration", "speaker", "lang")
 DEFAULT_BATCH_SIZE = {"transformers": 16, "vllm": 512, "http": 64}
+# Generation settings that may change between runs appending to one output (same prompt tokens,
+# same decoding; only how they are computed differs).
+VOLATILE_SETTINGS = frozenset({"backend", "batching", "served_model", "prompt_format"})
 
 
 # ------------------------------------------------------------------------------------ behaviors
@@ -283,7 +286,7 @@ class BehaveOptions:
     config: str | None = None
     prompt_template: str | None = None
     backend: str = "transformers"
-    batching: str = "static"  # transformers backend: static (padded generate) or continuous (generate_batch)
+    batching: str = "shrink"  # transformers backend: shrink (drop finished rows) or static (model.generate)
     batch_size: int | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     max_prompt_tokens: int = 192
@@ -335,12 +338,12 @@ class BehaviorJob:
     ) -> None:
         if opts.backend not in ("transformers", "vllm", "http"):
             raise ConfigError(f"--backend must be transformers, vllm or http, not {opts.backend!r}")
-        if opts.backend == "http" and not opts.endpoint and backend is None:
-            raise ConfigError("--backend http needs --endpoint URL")
         if opts.max_prompt_tokens < 1:
             raise ConfigError(f"--max-prompt-tokens must be >= 1, not {opts.max_prompt_tokens}")
         self.opts = opts
         self.behavior = resolve_behavior(opts.behavior, opts.name)
+        if opts.backend == "http" and not opts.endpoint and backend is None and self.behavior.generate:
+            raise ConfigError("--backend http needs --endpoint URL")
         self.echo = opts.echo or ("drop" if self.behavior.name == "continuation" else "flag")
         if self.echo not in ("drop", "flag"):
             raise ConfigError(f"--echo must be drop or flag, not {self.echo!r}")
@@ -378,20 +381,14 @@ class BehaviorJob:
 
     def _check_compatible(self, record: dict[str, Any]) -> None:
         """Refuse to append to an output written with another behavior or other settings."""
-        volatile = {
-            "backend",
-            "batching",
-            "served_model",
-            "prompt_format",
-        }  # same tokens, same decoding: may change
         for path in (self.out, sidecar(self.out, "rejected.jsonl")):
             if not path.is_file():
                 continue
             for lineno, obj, _ in iter_jsonl(path):
                 if obj is None or "generation" not in obj:
                     continue
-                old = {k: v for k, v in obj["generation"].items() if k not in volatile}
-                new = {k: v for k, v in record.items() if k not in volatile}
+                old = {k: v for k, v in obj["generation"].items() if k not in VOLATILE_SETTINGS}
+                new = {k: v for k, v in record.items() if k not in VOLATILE_SETTINGS}
                 diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
                 if obj.get("behavior") != self.behavior.name:
                     diff.insert(0, "behavior")

@@ -16,14 +16,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from blsp.behaviors.generate import read_manifest, sidecar
+from blsp.behaviors.generate import VOLATILE_SETTINGS, read_manifest, sidecar
 from blsp.data.audio import parse_audio_ref
 from blsp.errors import BlspError
 from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
 
-_VOLATILE = {"backend", "batching", "served_model", "prompt_format"}
 _CHUNK = 2000
 
 
@@ -42,7 +41,7 @@ def _settings_key(obj: dict[str, Any]) -> tuple[Any, ...]:
     return (
         obj.get("behavior"),
         obj.get("instruction"),
-        tuple(sorted((k, repr(v)) for k, v in gen.items() if k not in _VOLATILE)),
+        tuple(sorted((k, repr(v)) for k, v in gen.items() if k not in VOLATILE_SETTINGS)),
     )
 
 
