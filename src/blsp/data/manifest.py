@@ -128,7 +128,7 @@ def resolve_audio_path(audio: str, manifest_dir: str | os.PathLike[str]) -> str:
     p = Path(os.path.expanduser(str(p)))
     if not p.is_absolute():
         p = Path(manifest_dir) / p
-    return format_audio_ref(os.path.normpath(p), start, num)
+    return format_audio_ref(os.path.abspath(os.path.normpath(p)), start, num)
 
 
 def relocate_audio(

@@ -1,0 +1,21 @@
+"""Audio references stay valid when manifests are given by relative paths (regression)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from blsp.data.manifest import relocate_audio, resolve_audio_path
+
+
+def test_relative_manifest_dir_resolves_to_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.wav").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_audio_path("x.wav:16:32", "a")
+    assert resolved == f"{tmp_path / 'a' / 'x.wav'}:16:32"
+    # a manifest written elsewhere from relative folders still points at the same file
+    moved = relocate_audio("x.wav", "a", "b", mode="auto")
+    monkeypatch.chdir(Path(os.sep))
+    assert Path(moved).is_absolute() or (tmp_path / "b" / moved).resolve() == tmp_path / "a" / "x.wav"
+    assert Path(resolve_audio_path(moved, tmp_path / "b")).resolve() == tmp_path / "a" / "x.wav"
