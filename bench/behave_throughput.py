@@ -4,9 +4,9 @@ The original ``data_process/asr_text_generation.py`` of BLSP walks the manifest 
 batches of 8, pads each batch to its longest prompt (its ``collate_tokens`` copies each prompt
 into the row's tail, i.e. left padding), calls ``generate`` with greedy decoding and 64 new
 tokens, and crops the output at the padded input length. The blsp generator sorts all prompts
-by length and runs larger batches through the same ``generate`` (left padding, KV cache), or,
-with ``--batching continuous``, through transformers' ``generate_batch`` (continuous batching:
-no padding, a finished response frees its slot for the next prompt at once).
+by length and runs larger batches, either through the same ``generate`` (``static``: left
+padding, KV cache, every row runs until the batch's longest response ends) or through its
+default ``shrink`` decoding, which drops each finished response from the batch and the KV cache.
 
 Both run in one process on the same model and the same prompts (real sentences from
 ``src/blsp/resources/sentences/train.txt``), one after the other, in a few alternating rounds;
@@ -99,8 +99,8 @@ def main() -> None:
     builder = prompt_builder(tokenizer, load_config(None, args.model, None))
     prompts = [text_prompt(builder, CONTINUATION, t) for t in texts]
     stops = builder.stop_token_ids
-    backend = TransformersBackend(model, tokenizer, stops)
-    continuous = TransformersBackend(model, tokenizer, stops, batching="continuous")
+    static = TransformersBackend(model, tokenizer, stops, batching="static")
+    shrink = TransformersBackend(model, tokenizer, stops, batching="shrink")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     lengths = sorted(len(p) for p in prompts)
     print(
@@ -109,19 +109,20 @@ def main() -> None:
         f"greedy, {args.max_new_tokens} new tokens | torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
     )
-    for b in (backend, continuous):  # warm-up
+    for b in (static, shrink):  # warm-up
         blsp_generator(b, prompts[:2], GenerationSettings(max_new_tokens=4), 2)
 
     runs = {
         "original: file order, batch 8": lambda: original_loop(
             model, tokenizer, prompts, stops, args.max_new_tokens
         ),
-        "blsp: length-sorted, batch 8": lambda: blsp_generator(backend, prompts, settings, 8),
-        f"blsp: length-sorted, batch {args.batch_size}": lambda: blsp_generator(
-            backend, prompts, settings, args.batch_size
+        "blsp static: sorted, batch 8": lambda: blsp_generator(static, prompts, settings, 8),
+        f"blsp static: sorted, batch {args.batch_size}": lambda: blsp_generator(
+            static, prompts, settings, args.batch_size
         ),
-        f"blsp: continuous, {args.batch_size} per call": lambda: blsp_generator(
-            continuous, prompts, settings, args.batch_size
+        "blsp shrink: sorted, batch 8": lambda: blsp_generator(shrink, prompts, settings, 8),
+        f"blsp shrink: sorted, batch {args.batch_size} (default)": lambda: blsp_generator(
+            shrink, prompts, settings, args.batch_size
         ),
     }
     best: dict[str, float] = {}
@@ -132,15 +133,15 @@ def main() -> None:
             outputs[name] = fn()
             dt = time.perf_counter() - t0
             best[name] = min(best.get(name, dt), dt)
-            print(f"  round {r + 1}: {name:<36} {dt:8.1f} s")
+            print(f"  round {r + 1}: {name:<44} {dt:8.1f} s")
     base_name = next(iter(runs))
     base = best[base_name]
     print()
-    print(f"{'generator':<38} {'seconds':>8} {'responses/s':>12} {'speed-up':>9} {'same responses':>15}")
+    print(f"{'generator':<44} {'seconds':>8} {'responses/s':>12} {'speed-up':>9} {'same responses':>15}")
     for name in runs:
         same = sum(a == b for a, b in zip(outputs[name], outputs[base_name], strict=True))
         print(
-            f"{name:<38} {best[name]:8.1f} {len(prompts) / best[name]:12.2f} {base / best[name]:8.2f}x "
+            f"{name:<44} {best[name]:8.1f} {len(prompts) / best[name]:12.2f} {base / best[name]:8.2f}x "
             f"{same:>8}/{len(prompts)}"
         )
 

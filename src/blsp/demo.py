@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "default": {
         "sentences": 600,
-        "voices": ["piper:joe", "espeak:en-us", "flite:kal", "flite:awb", "espeak:en+f3"],
+        "voices": ["piper:joe", "espeak:en-us", "flite:kal", "flite:awb", "espeak:en+m3"],
         "voices_per_text": 1,
         "train_steps": 150,
         "batch_size": 16,

@@ -278,3 +278,29 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dirs, manifest, tmp_pat
     with pytest.raises(BlspError, match="pip install vllm"):
         run_behave(opts(tiny_dirs, manifest, tmp_path / "v.jsonl", backend="vllm"))
     assert not (tmp_path / "v.jsonl").read_text(), "nothing written"
+
+
+def test_cli_merge_reports_missing_ids_with_its_exit_code(tiny_dirs, manifest, tmp_path, capsys):
+    import argparse
+
+    from blsp.behaviors import cli
+
+    parser = argparse.ArgumentParser(prog="blsp")
+    cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cw.jsonl"
+    for i in range(2):
+        run_behave(opts(tiny_dirs, manifest, out, num_shards=2, shard_index=i, limit=1))
+    shards = [str(p) for p in sorted(tmp_path.glob("cw.shard-*.jsonl")) if "rejected" not in p.name]
+    assert len(shards) == 2
+    args = parser.parse_args(
+        ["behave", "merge", *shards, "-o", str(tmp_path / "all.jsonl"), "--manifest", str(manifest)]
+    )
+    assert args.func(args) == 1, "ids missing from the shards make merge fail"
+    report = json.loads(capsys.readouterr().out)
+    assert report["kept"] + sum(report["rejected"].values()) == 2 and report["missing"] == 10
+    with pytest.raises(ConfigError, match="-o"):
+        args = parser.parse_args(["behave", "merge", *shards])
+        args.func(args)
+    with pytest.raises(ConfigError, match="MANIFEST OUT.jsonl"):
+        args = parser.parse_args(["behave", str(manifest)])
+        args.func(args)

@@ -274,6 +274,14 @@ class VllmBackend:
 
     @classmethod
     def load(cls, ref: str, stop_token_ids: Sequence[int], dtype: str = "auto", **engine_kwargs: Any):
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise BlspError(
+                "--backend vllm does not run under torchrun (vLLM sets up its own distributed workers); "
+                "start one process per GPU instead: CUDA_VISIBLE_DEVICES=I blsp behave ... --backend vllm "
+                "--num-shards N --shard-index I"
+            )
         try:
             from vllm import LLM
         except ImportError as e:
@@ -315,10 +323,14 @@ class VllmBackend:
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         outputs = self.llm.generate(inputs, self.sampling_params(settings, seed), use_tqdm=False)
         results = []
+        stops = set(self.stop_token_ids)
         for out in outputs:  # vLLM returns outputs in the order of the inputs
             c = out.outputs[0]
+            ids = list(c.token_ids)
+            if ids and ids[-1] in stops:  # the stop token ends the turn; it is not part of the response
+                ids.pop()
             finish = "length" if c.finish_reason == "length" else "stop"
-            results.append(Completion(c.text.strip(), finish, len(c.token_ids)))
+            results.append(Completion(c.text.strip(), finish, len(ids)))
         return results
 
     def close(self) -> None:

@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at once) or static (one model.generate per batch; all rows run until the longest ends)",
     )
     m.add_argument(
-        "--batch-size", type=int, help="prompts per batch (default: 16 transformers, 512 vllm, 64 http)"
+        "--batch-size", type=int, help="prompts per batch (default: 32 transformers, 512 vllm, 64 http)"
     )
     m.add_argument(
         "--device", default="auto", help="transformers device (default: cuda:$LOCAL_RANK if any, else cpu)"

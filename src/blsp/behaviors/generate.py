@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EXTRA_FIELDS = ("duration", "speaker", "lang")
-DEFAULT_BATCH_SIZE = {"transformers": 16, "vllm": 512, "http": 64}
+DEFAULT_BATCH_SIZE = {"transformers": 32, "vllm": 512, "http": 64}
 # Generation settings that may change between runs appending to one output (same prompt tokens,
 # same decoding; only how they are computed differs).
 VOLATILE_SETTINGS = frozenset({"backend", "batching", "served_model", "prompt_format"})
@@ -355,6 +355,7 @@ class BehaviorJob:
         self.config = load_config(opts.config, opts.model, opts.prompt_template)
         self._llm = llm
         self._backend = backend
+        self._owns_backend = backend is None  # close only what this job opened
         self._tokenizer = tokenizer if tokenizer is not None else (llm[1] if llm else None)
         self.builder: Any = None
         self._record: dict[str, Any] = {}
@@ -493,6 +494,17 @@ class BehaviorJob:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         failed_path = sidecar(self.out, "failed.jsonl")
         stats: dict[str, Any] = {"generated": 0, "seconds": 0.0}
+        try:
+            self._run_shard(items, failed_path, stats)
+        finally:
+            if self._backend is not None and self._owns_backend:
+                self._backend.close()
+        summary = self.summarize(manifest, items, stats)
+        atomic_write_json(sidecar(self.out, "summary.json"), summary)
+        return summary
+
+    def _run_shard(self, items: list[Item], failed_path: Path, stats: dict[str, Any]) -> None:
+        o = self.opts
         with (
             JsonlAppender(self.out) as kept,
             JsonlAppender(sidecar(self.out, "rejected.jsonl")) as rejected,
@@ -509,11 +521,6 @@ class BehaviorJob:
                 self._record = self.generation_record()
                 self._check_compatible(self._record)
                 self._process(todo, kept, rejected, failed_path, stats)
-        summary = self.summarize(manifest, items, stats)
-        atomic_write_json(sidecar(self.out, "summary.json"), summary)
-        if self._backend is not None:
-            self._backend.close()
-        return summary
 
     def _process(
         self,
