@@ -6,7 +6,8 @@ into the row's tail, i.e. left padding), calls ``generate`` with greedy decoding
 tokens, and crops the output at the padded input length. The blsp generator sorts all prompts
 by length and runs larger batches, either through the same ``generate`` (``static``: left
 padding, KV cache, every row runs until the batch's longest response ends) or through its
-default ``shrink`` decoding, which drops each finished response from the batch and the KV cache.
+default ``shrink`` decoding, which computes the prompts' shared head (system prompt, instruction)
+once and drops each finished response from the batch and the KV cache.
 
 Both run in one process on the same model and the same prompts (real sentences from
 ``src/blsp/resources/sentences/train.txt``), one after the other, in a few alternating rounds;

@@ -173,7 +173,7 @@ def build_steps(
             cli
             + ["behave", r(speech), r(cont), "--behavior", "continuation", "--echo", p["echo"]]
             + ([] if llm == DEFAULT_LLM else ["--model", llm])
-            + ["--max-new-tokens", str(p["behavior_max_new_tokens"]), "--batch-size", "8", "--device", "cpu"],
+            + ["--max-new-tokens", str(p["behavior_max_new_tokens"]), "--device", "cpu"],
             [cont],
             ["synth"],
         ),

@@ -238,8 +238,17 @@ def test_merge_refuses_shards_of_different_runs(tiny_dirs, manifest, tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from blsp.behaviors.backends import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7], [7]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
 def test_shrinking_batches_give_the_responses_of_model_generate(tiny_dirs):
-    from blsp.behaviors.backends import TransformersBackend
+    from blsp.behaviors.backends import MIN_SHARED_PREFIX, TransformersBackend, shared_prefix_length
     from blsp.behaviors.generate import load_config, prompt_builder, text_prompt
     from blsp.models.hub import load_llm
 
@@ -258,6 +267,7 @@ def test_shrinking_batches_give_the_responses_of_model_generate(tiny_dirs):
     static = TransformersBackend(model, tokenizer, stops, batching="static").generate(prompts, settings)
     shrink = TransformersBackend(model, tokenizer, stops, batching="shrink").generate(prompts, settings)
     assert {c.finish for c in static} == {"stop", "length"}, "the test needs rows that end at different steps"
+    assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX, "shrink computes the shared head once"
     assert [(c.text, c.finish, c.tokens) for c in shrink] == [(c.text, c.finish, c.tokens) for c in static]
 
     sampling = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)

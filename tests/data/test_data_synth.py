@@ -219,9 +219,15 @@ def test_whisper_base_wer_on_synth_corpus(synth_corpus, tmp_path):
     from blsp.errors import ModelLoadError
 
     items, _ = read_manifest(synth_corpus / "train.jsonl")
-    clips = [(it["engine"], it["text"], synth_corpus / it["audio"]) for it in items if it["engine"] == "flite"]
-    piper = synthesize([{"id": f"p{i}", "text": t} for i, t in enumerate(SENTENCES[:10])], tmp_path, ["piper:joe"],
-                       progress=False)
+    clips = [
+        (it["engine"], it["text"], synth_corpus / it["audio"]) for it in items if it["engine"] == "flite"
+    ]
+    piper = synthesize(
+        [{"id": f"p{i}", "text": t} for i, t in enumerate(SENTENCES[:10])],
+        tmp_path,
+        ["piper:joe"],
+        progress=False,
+    )
     clips += [("piper", it["text"], tmp_path / it["audio"]) for it in read_manifest(piper)[0]]
     assert len(clips) >= 15
     try:
@@ -236,7 +242,9 @@ def test_whisper_base_wer_on_synth_corpus(synth_corpus, tmp_path):
         refs_by[engine].append(norm(text))
         hyps_by[engine].append(norm(hyp))
     wer = {e: jiwer.wer(refs_by[e], hyps_by[e]) for e in refs_by}
-    print(f"whisper-base WER per engine ({len(clips)} clips in {len(windows)} windows):",
-          {e: round(w, 3) for e, w in wer.items()})
+    print(
+        f"whisper-base WER per engine ({len(clips)} clips in {len(windows)} windows):",
+        {e: round(w, 3) for e, w in wer.items()},
+    )
     assert wer["piper"] < 0.25
     assert wer["flite"] < 0.25

@@ -96,9 +96,10 @@ class TransformersBackend:
 
     Both modes stop on the PromptBuilder's stop tokens and decode greedily unless sampling:
 
-    - ``batching="shrink"`` (default): prefill the padded batch once, then decode step by step and
-      drop each finished sequence from the batch and its KV cache at once
-      (``DynamicCache.batch_select_indices``): on a compute-bound CPU a finished row costs nothing more.
+    - ``batching="shrink"`` (default): prefill the prompts' shared head (system prompt, instruction)
+      once and each row's own tail on top of it, then decode step by step and drop each finished
+      sequence from the batch and its KV cache at once (``DynamicCache.batch_select_indices``): on a
+      compute-bound CPU neither the repeated head nor a finished row costs anything more.
     - ``batching="static"``: one ``model.generate`` call per batch; every row runs until the batch's
       longest response ends (what the original BLSP script and ``BlspModel.generate`` do).
     """
@@ -178,9 +179,26 @@ class TransformersBackend:
         from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         device = next(self.model.parameters()).device
-        ids, mask = self._padded(prompts)
+        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:
+            cache = DynamicCache()
+        # Behavior prompts share a long head (system prompt, chat markup, instruction): its KV is
+        # computed once and repeated for every row; the padding then sits between that head and
+        # each row's own tail, which the attention mask hides and the position ids skip.
+        n = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+        if n >= MIN_SHARED_PREFIX:
+            head = torch.tensor([list(prompts[0][:n])], dtype=torch.long, device=device)
+            with torch.inference_mode():
+                self.model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(prompts))
+        else:
+            n = 0
+        ids, mask = self._padded([p[n:] for p in prompts])
         ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from the attention mask
+        mask = torch.cat([mask.new_ones((mask.shape[0], n)), mask], dim=1)
+        # what generate derives from the attention mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
         warpers = LogitsProcessorList()
         if settings.do_sample:
             if settings.temperature != 1.0:
@@ -190,10 +208,6 @@ class TransformersBackend:
         stops = set(self.stop_token_ids)
         generated: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))  # prompt index of each batch row
-        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:
-            cache = DynamicCache()
         step_ids, step_pos, last_pos = ids, positions, positions[:, -1]
         with torch.inference_mode():
             for _ in range(settings.max_new_tokens):
@@ -231,6 +245,18 @@ class TransformersBackend:
 
     def close(self) -> None:
         pass
+
+
+MIN_SHARED_PREFIX = 8  # shorter shared heads are not worth a separate forward pass
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt shares, leaving each prompt at least one own token."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for i in range(max(n, 0)):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
 
 
 def resolve_device(device: str = "auto") -> str:

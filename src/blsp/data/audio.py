@@ -144,7 +144,13 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sr: int = SAMPLE_
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        sf.write(str(tmp), np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
+        sf.write(
+            str(tmp),
+            np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0),
+            sr,
+            subtype="PCM_16",
+            format="WAV",
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -160,7 +166,9 @@ def _ffmpeg_decode(path: Path, sr: int) -> np.ndarray:
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise AudioError(f"{path}: ffmpeg cannot decode it ({msg[-1] if msg else 'exit ' + str(proc.returncode)})")
+        raise AudioError(
+            f"{path}: ffmpeg cannot decode it ({msg[-1] if msg else 'exit ' + str(proc.returncode)})"
+        )
     return np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
 
 

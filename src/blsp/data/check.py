@@ -76,7 +76,9 @@ class Problem:
         return f"{where}{ident}{path}: {self.code}: {self.detail}"
 
 
-def check_audio(audio: np.ndarray, limits: CheckLimits = DEFAULT_LIMITS, sr: int = SAMPLE_RATE) -> SkipReason | None:
+def check_audio(
+    audio: np.ndarray, limits: CheckLimits = DEFAULT_LIMITS, sr: int = SAMPLE_RATE
+) -> SkipReason | None:
     """Check decoded mono audio: empty, non-finite, silent, too short, too long."""
     n = int(audio.shape[0])
     if n == 0:
@@ -187,7 +189,11 @@ def _iter_checked(
                     continue
                 audio, reason = results[id(item)]
                 if reason is not None:
-                    skipped.add(Problem(lineno, str(item.get("id")), str(item.get("audio")), reason.code, reason.detail))
+                    skipped.add(
+                        Problem(
+                            lineno, str(item.get("id")), str(item.get("audio")), reason.code, reason.detail
+                        )
+                    )
                     continue
                 assert audio is not None
                 yield lineno, item, audio

@@ -121,7 +121,9 @@ def import_corpus(
         result.hours += item["duration"] / 3600
     if not items and result.skipped:
         first = result.skipped[0]
-        raise BlspError(f"{src}: no usable utterance ({len(result.skipped)} skipped; first: {first.where}: {first.reason})")
+        raise BlspError(
+            f"{src}: no usable utterance ({len(result.skipped)} skipped; first: {first.where}: {first.reason})"
+        )
     result.written = write_manifest(out, items)
     return result
 
@@ -165,10 +167,22 @@ def import_librispeech(src: Path, **_: Any) -> Iterator[Entry]:
                 yield Skip(f"{tf}:{lineno}", "no transcript")
                 continue
             utt, text = parts
-            audio = next((tf.parent / f"{utt}{ext}" for ext in (".flac", ".wav") if (tf.parent / f"{utt}{ext}").exists()),
-                         tf.parent / f"{utt}.flac")
-            yield {"id": utt, "audio": str(audio.absolute()), "text": text, "speaker": utt.split("-")[0],
-                   "lang": "en", "chapter": utt.split("-")[1] if utt.count("-") >= 2 else None}
+            audio = next(
+                (
+                    tf.parent / f"{utt}{ext}"
+                    for ext in (".flac", ".wav")
+                    if (tf.parent / f"{utt}{ext}").exists()
+                ),
+                tf.parent / f"{utt}.flac",
+            )
+            yield {
+                "id": utt,
+                "audio": str(audio.absolute()),
+                "text": text,
+                "speaker": utt.split("-")[0],
+                "lang": "en",
+                "chapter": utt.split("-")[1] if utt.count("-") >= 2 else None,
+            }
 
 
 def _read_table(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
@@ -190,7 +204,9 @@ def import_commonvoice(src: Path, tsv: str | None = None, **_: Any) -> Iterator[
         root = src
         names = sorted(p.stem for p in src.glob("*.tsv"))
         if tsv is None:
-            raise BlspError(f"{src}: choose the split with --tsv (one of: {', '.join(names) or 'none found'})")
+            raise BlspError(
+                f"{src}: choose the split with --tsv (one of: {', '.join(names) or 'none found'})"
+            )
         table = Path(tsv) if Path(tsv).is_file() else src / (tsv if tsv.endswith(".tsv") else f"{tsv}.tsv")
         if not table.is_file():
             raise BlspError(f"{table}: not found (tsv files here: {', '.join(names) or 'none'})")
@@ -211,8 +227,11 @@ def import_commonvoice(src: Path, tsv: str | None = None, **_: Any) -> Iterator[
             yield Skip(f"{table}:{lineno}", "no transcript")
             continue
         item: dict[str, Any] = {
-            "id": Path(name).stem, "audio": str((clips / name).absolute()), "text": text,
-            "speaker": row.get("client_id") or None, "lang": row.get("locale") or None,
+            "id": Path(name).stem,
+            "audio": str((clips / name).absolute()),
+            "text": text,
+            "speaker": row.get("client_id") or None,
+            "lang": row.get("locale") or None,
             "duration": durations.get(name),
         }
         for k in ("gender", "age", "accents", "accent", "variant"):
@@ -253,7 +272,10 @@ def import_gigaspeech(src: Path, subset: str | None = None, **_: Any) -> Iterato
             info = audio_info(path)
         except AudioError as e:
             for seg in rec.get("segments", []):
-                yield Skip(str(seg.get("sid", aid)), f"{'missing' if 'not found' in str(e) else 'unreadable'} audio: {e}")
+                yield Skip(
+                    str(seg.get("sid", aid)),
+                    f"{'missing' if 'not found' in str(e) else 'unreadable'} audio: {e}",
+                )
             continue
         for seg in rec.get("segments", []):
             sid = str(seg.get("sid", ""))
@@ -273,9 +295,15 @@ def import_gigaspeech(src: Path, subset: str | None = None, **_: Any) -> Iterato
             if num <= 0 or start >= info.frames:
                 yield Skip(sid, f"segment {begin}-{end}s outside the audio ({info.duration:.2f}s)")
                 continue
-            yield {"id": sid, "audio": format_audio_ref(path.absolute(), start, num), "text": text,
-                   "duration": round(num / info.samplerate, 3), "lang": "en", "recording": aid,
-                   "speaker": rec.get("speaker") or None}
+            yield {
+                "id": sid,
+                "audio": format_audio_ref(path.absolute(), start, num),
+                "text": text,
+                "duration": round(num / info.samplerate, 3),
+                "lang": "en",
+                "recording": aid,
+                "speaker": rec.get("speaker") or None,
+            }
 
 
 def _kaldi_map(path: Path) -> Iterator[tuple[int, str, str]]:
@@ -304,8 +332,11 @@ def import_kaldi(src: Path, audio_root: str | None = None, **_: Any) -> Iterator
     for lineno, key, rest in _kaldi_map(scp):
         where = f"{scp}:{lineno}"
         if rest.endswith("|") or rest.startswith("|"):
-            recs[key] = Skip(where, f"piped command, not a file: {rest[:80]!r} (blsp does not run wav.scp "
-                                    "commands; write the audio to files and list their paths)")
+            recs[key] = Skip(
+                where,
+                f"piped command, not a file: {rest[:80]!r} (blsp does not run wav.scp "
+                "commands; write the audio to files and list their paths)",
+            )
         elif _ARK.search(rest):
             recs[key] = Skip(where, f"Kaldi archive reference, not a plain audio file: {rest[:80]!r}")
         elif not rest:
@@ -387,7 +418,9 @@ def _table_importer(delimiter: str) -> Callable[..., Iterator[Entry]]:
         for lineno, row in _read_table(src, delimiter):
             where = f"{src}:{lineno}"
             if audio_col not in row:
-                raise BlspError(f"{src}: no column {audio_col!r} (columns: {', '.join(row)}); use --audio-col")
+                raise BlspError(
+                    f"{src}: no column {audio_col!r} (columns: {', '.join(row)}); use --audio-col"
+                )
             if text_col and text_col not in row:
                 raise BlspError(f"{src}: no column {text_col!r} (columns: {', '.join(row)}); use --text-col")
             if id_col and id_col not in row:
@@ -438,9 +471,13 @@ def import_hf(
 
     ds = _load_hf(src, split, hf_config)
     if audio_col not in ds.column_names:
-        raise BlspError(f"{src}: no column {audio_col!r} (columns: {', '.join(ds.column_names)}); use --audio-col")
+        raise BlspError(
+            f"{src}: no column {audio_col!r} (columns: {', '.join(ds.column_names)}); use --audio-col"
+        )
     if text_col and text_col not in ds.column_names:
-        raise BlspError(f"{src}: no column {text_col!r} (columns: {', '.join(ds.column_names)}); use --text-col")
+        raise BlspError(
+            f"{src}: no column {text_col!r} (columns: {', '.join(ds.column_names)}); use --text-col"
+        )
     if id_col and id_col not in ds.column_names:
         raise BlspError(f"{src}: no column {id_col!r} (columns: {', '.join(ds.column_names)}); use --id-col")
     if id_col is None and "id" in ds.column_names:
@@ -466,8 +503,10 @@ def import_hf(
                 if isinstance(cell, dict) and cell.get("bytes"):
                     wav = decode_audio_bytes(cell["bytes"], SAMPLE_RATE, name=f"{key} ({cell.get('path')})")
                 elif isinstance(cell, dict) and cell.get("array") is not None:
-                    wav = to_mono_resampled(np.asarray(cell["array"], dtype=np.float32).T,
-                                            int(cell.get("sampling_rate") or SAMPLE_RATE))
+                    wav = to_mono_resampled(
+                        np.asarray(cell["array"], dtype=np.float32).T,
+                        int(cell.get("sampling_rate") or SAMPLE_RATE),
+                    )
                 elif isinstance(cell, dict) and cell.get("path"):
                     wav = load_audio(cell["path"])
                 elif isinstance(cell, str):

@@ -108,7 +108,9 @@ def load_manifest(path: str | os.PathLike[str], strict: bool = False) -> list[di
     items, errors = read_manifest(path)
     if errors:
         if strict:
-            raise BlspError(f"{path}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+            raise BlspError(
+                f"{path}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+            )
         log = logging.getLogger(__name__)
         for e in errors[:10]:
             log.warning("%s: skipping %s", path, e)

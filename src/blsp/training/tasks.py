@@ -183,7 +183,9 @@ class BlspTask(Task):
         bad = [
             e.id
             for e in tagged
-            if prompt_fingerprint(self.model.prompt.text_prompt(make_conversation(e.instruction, transcript=e.transcript)))
+            if prompt_fingerprint(
+                self.model.prompt.text_prompt(make_conversation(e.instruction, transcript=e.transcript))
+            )
             != e.prompt_sha1
         ]
         if bad:
