@@ -18,25 +18,19 @@ import tempfile
 import time
 from pathlib import Path
 
+# the project's own sentences (resources), so the bench runs without ../shared
 SENTENCES = [
-    "The birch canoe slid on the smooth planks.",
-    "Glue the sheet to the dark blue background.",
-    "It's easy to tell the depth of a well.",
-    "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.",
-    "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.",
-    "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.",
-    "A large size in stockings is hard to sell.",
-    "The boy was there when the sun rose.",
-    "A rod is used to catch pink salmon.",
-]
+    ln.strip()
+    for ln in (Path(__file__).resolve().parents[1] / "src/blsp/resources/sentences/heldout.txt")
+    .read_text(encoding="utf-8")
+    .splitlines()
+    if ln.strip() and not ln.startswith("#")
+][:40]
 
 ENGINE_VOICES = {
     "piper": ["piper:joe"],
     "flite": ["flite:kal", "flite:kal16", "flite:awb", "flite:rms", "flite:slt"],
-    "espeak": ["espeak:en-us", "espeak:en", "espeak:en+f3", "espeak:en+m3"],
+    "espeak": ["espeak:en-us", "espeak:en", "espeak:en+m3", "espeak:en-us+f2"],
 }
 
 

@@ -135,7 +135,7 @@ def test_tiny_demo_report(tiny_run: tuple[Path, subprocess.CompletedProcess[str]
 
     # the plots: relative links to valid PNG files
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 2
+    assert len(links) == 3 and "training_loss.png" in links  # loss curves + two t-SNE pictures
     for link in links:
         data = (out / link).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 1000

@@ -214,6 +214,7 @@ def build_steps(
         f"data.encoder_cache={r(cache)}",
         f"run.save_every={p['train_steps']}",
         "run.eval_every=1000000",
+        f"run.log_every={max(1, p['train_steps'] // 25)}",
         "run.tensorboard=false",
         "run.progress=false",
     ]
@@ -635,6 +636,15 @@ def write_report(out: Path) -> Path:
             ]
         )
     L += _table(["recipe", "objective", "steps", "samples", "first loss", "final loss", "train s"], rows)
+    png = _loss_plot(out)
+    if png is not None:
+        L += [
+            "Training loss (`runs/<recipe>/log.jsonl`; the KL run's loss is the KL term, not a "
+            "cross-entropy):",
+            "",
+            f"![training loss]({png.name})",
+            "",
+        ]
 
     L += _eval_section(results)
     L += _repr_section(reprs, out)
@@ -653,6 +663,29 @@ def write_report(out: Path) -> Path:
     path = out / "report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def _loss_plot(out: Path) -> Path | None:
+    """``training_loss.png``: each recipe's logged loss against the step; ``None`` without logs."""
+    from blsp.utils.io import iter_jsonl
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for n in RECIPES:
+        log_path = out / "runs" / n / "log.jsonl"
+        if not log_path.is_file():
+            continue
+        pts = [
+            (float(r["step"]), float(r["loss"]))
+            for _, r, _ in iter_jsonl(log_path)
+            if r and str(r.get("key", "")).startswith("train") and r.get("loss") is not None
+        ]
+        if pts:
+            series[SYSTEMS.get(n, n)] = pts
+    if not series:
+        return None
+    from blsp.evaluation.plots import plot_lines
+
+    return plot_lines(series, out / "training_loss.png", ylabel="training loss", title="Adapter training")
 
 
 def _eval_section(results: dict[str, Any] | None) -> list[str]:

@@ -124,6 +124,35 @@ def plot_progress(
     return path
 
 
+def plot_lines(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    xlabel: str = "training step",
+    ylabel: str = "",
+    title: str = "",
+) -> Path:
+    """Several named curves on one axis (e.g. each recipe's training loss)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
+    for name, pts in series.items():
+        pts = sorted(pts)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def cosine_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
     """A small heatmap of a Table 7/12 style cosine table (optional companion picture)."""
     plt = _pyplot()
