@@ -24,6 +24,18 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def tsne_2d(x: np.ndarray, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
     """2-D t-SNE of ``[N, D]`` rows (perplexity clipped below N so small sets work)."""
     from sklearn.manifold import TSNE
@@ -83,12 +95,7 @@ def plot_tsne(
     if title:
         ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="best", frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_progress(
@@ -116,12 +123,7 @@ def plot_progress(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_lines(
@@ -145,12 +147,7 @@ def plot_lines(
         ax.set_title(title, fontsize=10)
     if series:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cosine_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
@@ -176,9 +173,4 @@ def cosine_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, t
     fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

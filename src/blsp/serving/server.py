@@ -205,11 +205,16 @@ def create_app(pipeline: Any, settings: ServerSettings) -> Any:
         return body
 
     async def wait_or_cancel(request: Request, job: Any) -> Any:
-        """The job's result; cancels the job if the client disconnects first."""
+        """The job's result (a failure as an API error); cancels the job if the client disconnects first."""
         while True:
             done, _ = await asyncio.wait({job.future}, timeout=0.5)
             if done:
-                return job.future.result()
+                try:
+                    return job.future.result()
+                except ApiError:
+                    raise
+                except Exception as e:
+                    raise as_api_error(e) from e
             if await request.is_disconnected():
                 job.cancel.set()
                 raise ApiError(499, "client disconnected")
@@ -248,13 +253,7 @@ def create_app(pipeline: Any, settings: ServerSettings) -> Any:
             raise ApiError(400, "'stream' must be true or false", param="stream")
         conv = await run_in_threadpool(parse_messages, body.get("messages"), settings)
         if not stream:
-            job = submit(conv, params)
-            try:
-                result = await wait_or_cancel(request, job)
-            except ApiError:
-                raise
-            except Exception as e:
-                raise as_api_error(e) from e
+            result = await wait_or_cancel(request, submit(conv, params))
             return completion(result, settings.model_name)
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -333,13 +332,7 @@ def create_app(pipeline: Any, settings: ServerSettings) -> Any:
             }
         ]
         params = GenerationParams(max_new_tokens=settings.max_tokens_limit, temperature=temperature)
-        job = submit(conv, params)
-        try:
-            result = await wait_or_cancel(request, job)
-        except ApiError:
-            raise
-        except Exception as e:
-            raise as_api_error(e) from e
+        result = await wait_or_cancel(request, submit(conv, params))
         if response_format == "text":
             return PlainTextResponse(result.text + "\n")
         if response_format == "verbose_json":
