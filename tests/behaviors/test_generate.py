@@ -239,7 +239,7 @@ def test_merge_refuses_shards_of_different_runs(tiny_dirs, manifest, tmp_path):
 
 
 def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
-    from blsp.behaviors.backends import shared_prefix_length
+    from blsp.models.prompt import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2

@@ -103,6 +103,7 @@ def tiny_recipe(tiny_dirs, tiny_manifests, tmp_path):
                 "micro_batch_size": 2,
                 "max_steps": 4,
                 "seed": 0,
+                "precision": "fp32",  # exact comparisons; bf16 is checked on its own
             },
             "run": {
                 "output_dir": str(tmp_path / "run"),

@@ -66,6 +66,10 @@ def test_run_writes_everything_and_reloads(tiny_recipe, tiny_manifests, tmp_path
     assert (
         saved["steps"] == 4 and saved["samples"] == 16 and saved["eval_loss"] > 0 and saved["peak_rss_mb"] > 0
     )
+    # the content check rides along every held-out evaluation
+    assert saved["eval_gap"] == pytest.approx(saved["eval_shuffled_loss"] - saved["eval_loss"])
+    assert all(set(e) >= {"loss", "shuffled", "gap"} for _step, e in saved["eval_history"])
+    assert all("eval_gap" in r for r in rows if r["key"].startswith("eval"))
     # the final adapter equals the last checkpoint's and loads as a BLSP model
     final = run / "final"
     for k, v in _adapter(final).items():

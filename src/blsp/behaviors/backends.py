@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from blsp.errors import BlspError, ConfigError
+from blsp.models.prompt import MIN_SHARED_PREFIX, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +246,6 @@ class TransformersBackend:
 
     def close(self) -> None:
         pass
-
-
-MIN_SHARED_PREFIX = 8  # shorter shared heads are not worth a separate forward pass
-
-
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every prompt shares, leaving each prompt at least one own token."""
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for i in range(max(n, 0)):
-        if any(p[i] != first[i] for p in prompts):
-            return i
-    return max(n, 0)
 
 
 def resolve_device(device: str = "auto") -> str:

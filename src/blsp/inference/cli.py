@@ -10,7 +10,12 @@ logger = logging.getLogger(__name__)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="BLSP adapter folder (config.json + adapter.safetensors)")
+    p.add_argument(
+        "adapter",
+        nargs="?",
+        default=None,
+        help="BLSP adapter folder (config.json + adapter.safetensors) or shipped name (default: blsp-base)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument(
         "--dtype",

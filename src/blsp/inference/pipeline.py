@@ -63,13 +63,13 @@ class SpeechPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        adapter_dir: str | Path,
+        adapter_dir: str | Path | None = None,
         *,
         device: str | None = None,
         dtype: Any = None,
         **kwargs: Any,
     ) -> SpeechPipeline:
-        """Load the adapter folder (and the encoder and LLM its config names) once."""
+        """Load the adapter folder or shipped name (None: the shipped default) and its encoder and LLM once."""
         from blsp.models.modeling_blsp import BlspModel
 
         if isinstance(dtype, str):

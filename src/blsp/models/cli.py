@@ -29,11 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from blsp.models.hub import alias_status, cache_dir
+    from blsp.models.hub import DEFAULT_ADAPTER, alias_status, cache_dir, pretrained_status
 
     rows = alias_status()
+    adapters = pretrained_status()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"aliases": rows, "adapters": adapters}, indent=2))
         return 0
     print(f"{'alias':<24}{'kind':<9}{'status':<11}packages")
     for r in rows:
@@ -47,6 +48,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         if r["cached"]:
             print(f"{indent}local:  {r['cached']}")
     print(f"cache: {cache_dir()}  (converted once on first use)")
+    print(f"\n{'shipped adapter':<24}{'status':<11}what")
+    for a in adapters:
+        default = " (default)" if a["name"] == DEFAULT_ADAPTER else ""
+        print(
+            f"{a['name'] + default:<24}{'installed' if a['installed'] else 'missing':<11}{a['description']}"
+        )
+        print(f"{'':<35}{a['folder']}")
     return 0
 
 

@@ -14,6 +14,9 @@ class BlspConfig(PretrainedConfig):
         adapter_kernel_sizes: kernel of each stride-``adapter_stride`` Conv1d of the adapter.
         adapter_stride: stride of each adapter convolution (2 in the paper: length / 8).
         adapter_bottleneck_dim: hidden width of the bottleneck (512 in the paper).
+        adapter_init_scale: initial gain of the adapter's final LayerNorm: ``embeddings`` (the RMS
+            of the LLM's token embeddings, so speech enters at the scale of text) or a number
+            (the original's 1.0 gives speech vectors ~8x longer than SmolLM2's token embeddings).
         prompt_template: ``auto`` (the LLM's chat template if it has one), ``chat`` or ``paper``.
         instruction_separator: text between the instruction and the speech/transcript span.
         system_prompt: optional system message added to every conversation.
@@ -30,6 +33,7 @@ class BlspConfig(PretrainedConfig):
         adapter_kernel_sizes: list[int] | tuple[int, ...] = (5, 5, 5),
         adapter_stride: int = 2,
         adapter_bottleneck_dim: int = 512,
+        adapter_init_scale: str | float = "embeddings",
         prompt_template: str = "auto",
         instruction_separator: str = "\n",
         system_prompt: str | None = None,
@@ -43,6 +47,7 @@ class BlspConfig(PretrainedConfig):
         self.adapter_kernel_sizes = list(adapter_kernel_sizes)
         self.adapter_stride = adapter_stride
         self.adapter_bottleneck_dim = adapter_bottleneck_dim
+        self.adapter_init_scale = adapter_init_scale
         self.prompt_template = prompt_template
         self.instruction_separator = instruction_separator
         self.system_prompt = system_prompt

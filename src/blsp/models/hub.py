@@ -453,6 +453,58 @@ def load_llm(ref: str | os.PathLike[str] = DEFAULT_LLM, dtype: torch.dtype | Non
 # status
 
 
+# ----------------------------------------------------------------------------------------------
+# pretrained BLSP adapters shipped inside the package (adapter weights only, fp16)
+
+DEFAULT_ADAPTER = "blsp-base"
+PRETRAINED_ADAPTERS: dict[str, str] = {
+    "blsp-base": "whisper-base + SmolLM2-135M-Instruct, CTC warm start + repetition (see its README.md)",
+}
+REINSTALL_HINT = (
+    "reinstall blsp to get it back (`pip install --force-reinstall --no-deps blsp`, "
+    "or `git checkout -- src/blsp/resources/pretrained` in a checkout)"
+)
+
+
+def pretrained_adapter_dir(name: str = DEFAULT_ADAPTER) -> Path:
+    """Folder of a shipped adapter (it may be missing from a damaged install; see ``resolve_adapter``)."""
+    return Path(__file__).resolve().parents[1] / "resources" / "pretrained" / name
+
+
+def is_pretrained_adapter(path: str | os.PathLike[str]) -> bool:
+    root = pretrained_adapter_dir("x").parent
+    try:
+        return Path(path).resolve().is_relative_to(root)
+    except OSError:
+        return False
+
+
+def resolve_adapter(ref: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of a BLSP adapter: ``None`` (the shipped default), a shipped name, or a folder."""
+    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
+
+    name = DEFAULT_ADAPTER if ref is None else str(ref)
+    if name not in PRETRAINED_ADAPTERS:
+        return Path(ref)  # type: ignore[arg-type]
+    folder = pretrained_adapter_dir(name)
+    for f in ("config.json", ADAPTER_WEIGHTS):
+        if not (folder / f).is_file():
+            raise ModelLoadError(f"{folder / f}: missing from the shipped adapter {name!r}; {REINSTALL_HINT}")
+    return folder
+
+
+def pretrained_status() -> list[dict[str, Any]]:
+    """One row per shipped adapter: name, description, folder, and whether its files are there."""
+    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
+
+    rows = []
+    for name, description in PRETRAINED_ADAPTERS.items():
+        folder = pretrained_adapter_dir(name)
+        ok = (folder / "config.json").is_file() and (folder / ADAPTER_WEIGHTS).is_file()
+        rows.append({"name": name, "description": description, "folder": str(folder), "installed": ok})
+    return rows
+
+
 def alias_status() -> list[dict[str, Any]]:
     """One row per alias: name, kind, packages, installed, source files, cached folder (if converted)."""
     rows = []

@@ -23,7 +23,7 @@ from blsp.errors import AudioError, BlspError, ModelLoadError
 from blsp.models.adapter import ModalityAdapter
 from blsp.models.configuration_blsp import BlspConfig
 from blsp.models.encoder import SpeechEncoder
-from blsp.models.prompt import AudioSpan, PromptBuilder
+from blsp.models.prompt import MIN_SHARED_PREFIX, AudioSpan, PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,14 @@ class BlspModel(nn.Module):
             stride=config.adapter_stride,
             bottleneck_dim=config.adapter_bottleneck_dim,
         )
+        scale = getattr(config, "adapter_init_scale", 1.0)
+        if scale == "embeddings":
+            scale = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        with torch.no_grad():
+            self.adapter.norm.weight.fill_(float(scale))
         self.extra = nn.ModuleDict()  # optional trainable heads saved with the adapter (e.g. "ctc")
         if config.ctc_vocab_size:
-            self.extra["ctc"] = nn.Linear(llm_dim, config.ctc_vocab_size)
+            self.extra["ctc"] = self._ctc_head(config, llm)
         self.prompt = PromptBuilder(
             tokenizer,
             template=config.prompt_template,
@@ -81,6 +86,14 @@ class BlspModel(nn.Module):
             p.requires_grad_(False)
         self.adapter.to(torch.float32)
         self.train(False)
+
+    @staticmethod
+    def _ctc_head(config: BlspConfig, llm: nn.Module) -> nn.Module:
+        if getattr(config, "ctc_vocab", None) == "embeddings":
+            from blsp.training.ctc import EmbeddingCtcHead
+
+            return EmbeddingCtcHead(llm.get_input_embeddings(), config.ctc_vocab_size)
+        return nn.Linear(llm.get_input_embeddings().embedding_dim, config.ctc_vocab_size)
 
     # ------------------------------------------------------------- building
     @classmethod
@@ -108,13 +121,19 @@ class BlspModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> BlspModel:
-        """Load a saved adapter folder (``config.json`` + ``adapter.safetensors``) and its models."""
-        path = Path(path)
+        """Load a saved adapter folder (``config.json`` + ``adapter.safetensors``) and its models.
+
+        ``path``: a folder, the name of a shipped adapter (``blsp-base``), or None for the shipped default.
+        """
+        from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
+
+        path = resolve_adapter(path)
+        hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a BLSP model folder (no config.json)")
         weights = path / ADAPTER_WEIGHTS
@@ -123,12 +142,12 @@ class BlspModel(nn.Module):
         try:
             config = BlspConfig.from_pretrained(str(path))
         except Exception as e:
-            raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e})") from e
+            raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}") from e
         model = cls.from_config(config, device=device, dtype=dtype, **overrides)
         try:
             state = load_file(str(weights))
         except Exception as e:
-            raise ModelLoadError(f"{weights}: cannot read adapter weights ({e})") from e
+            raise ModelLoadError(f"{weights}: cannot read adapter weights ({e}){hint}") from e
         model.load_trainable_state_dict(state, source=str(weights))
         return model
 
@@ -315,6 +334,42 @@ class BlspModel(nn.Module):
             embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
         return embeds
 
+    def shared_head_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, speech_mask: torch.Tensor, limit: int
+    ) -> int:
+        """Positions ``0..n-1`` that every row shares (same tokens, unmasked, no speech), ``n <= limit``.
+
+        In a right-padded BLSP batch that is the system prompt and the instruction: it comes before
+        the speech, so with a frozen LLM its keys and values depend on nothing that trains.
+        """
+        if input_ids.shape[0] < 2 or limit < MIN_SHARED_PREFIX:
+            return 0
+        same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0) & ~speech_mask.any(0)
+        differ = (~same[:limit]).nonzero()
+        n = int(differ[0]) if len(differ) else limit
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _head_cache(self, head_ids: torch.Tensor, rows: int) -> Any:
+        from transformers import DynamicCache
+
+        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
+            cache = DynamicCache(config=self.llm.config)
+        except TypeError:
+            cache = DynamicCache()
+        with torch.no_grad():
+            self.llm(
+                input_ids=head_ids.to(self.device), use_cache=True, logits_to_keep=1, **self._cache_arg(cache)
+            )
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def _cache_arg(self, cache: Any) -> dict[str, Any]:
+        """``cache=`` on transformers that renamed ``past_key_values`` (5.2x), else the old name."""
+        import inspect
+
+        params = inspect.signature(self.llm.forward).parameters
+        return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -326,24 +381,42 @@ class BlspModel(nn.Module):
         feature_lengths: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        share_head: bool = False,
         **llm_kwargs: Any,
     ) -> BlspOutput:
-        embeds = self.embed(
-            input_ids, speech_mask, input_features, feature_lengths, encoder_hidden_states, encoder_lengths
-        )
+        """Run the LLM on the batch; ``loss`` only when ``labels`` are given and all logits are kept.
+
+        ``share_head``: with a frozen LLM and ``logits_to_keep > 0``, the rows' shared head is run
+        once, without gradient, and its KV repeated for every row; the logits are the same.
+        """
         attention_mask = attention_mask.to(self.device)
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids.to(self.device)
+        n = 0
+        if share_head and logits_to_keep > 0 and not any(p.requires_grad for p in self.llm.parameters()):
+            limit = input_ids.shape[1] - logits_to_keep
+            n = self.shared_head_length(
+                input_ids, attention_mask, speech_mask.to(attention_mask.device), limit
+            )
+        if n:
+            llm_kwargs.update(self._cache_arg(self._head_cache(input_ids[:1, :n], input_ids.shape[0])))
+            input_ids, speech_mask, position_ids = input_ids[:, n:], speech_mask[:, n:], position_ids[:, n:]
+        embeds = self.embed(
+            input_ids, speech_mask, input_features, feature_lengths, encoder_hidden_states, encoder_lengths
+        )
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids.to(self.device),
+            position_ids=position_ids,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
             **llm_kwargs,
         )
         logits = out.logits
         loss = None
-        if labels is not None:
+        if labels is not None and logits.shape[1] == labels.shape[1]:
             labels = labels.to(self.device)
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:]

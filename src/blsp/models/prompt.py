@@ -36,6 +36,18 @@ def make_conversation(instruction: str, *, audio: Any = None, transcript: str | 
     return [{"role": "user", "content": [*parts, span]}]
 
 
+MIN_SHARED_PREFIX = 8  # shorter shared heads are not worth a separate forward pass
+
+
+def shared_prefix_length(prompts: Any) -> int:
+    """Length of the token prefix every prompt shares, leaving each prompt at least one own token."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for i in range(max(n, 0)):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
 @dataclass
 class AudioSpan:
     """Where speech embeddings go in a prompt; ``audio`` is an array or a path."""

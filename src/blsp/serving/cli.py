@@ -7,7 +7,12 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("adapter", help="BLSP adapter folder (config.json + adapter.safetensors)")
+    p.add_argument(
+        "adapter",
+        nargs="?",
+        default=None,
+        help="BLSP adapter folder (config.json + adapter.safetensors) or shipped name (default: blsp-base)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -88,6 +93,7 @@ def _load(args: argparse.Namespace, **kwargs):
 
 def _serve(args: argparse.Namespace) -> int:
     from blsp.errors import BlspError
+    from blsp.models.hub import resolve_adapter
     from blsp.serving.openai_api import ServerSettings
     from blsp.serving.server import serve
 
@@ -96,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.allow_local_files and not Path(args.local_files_root).is_dir():
         raise BlspError(f"--local-files-root {args.local_files_root}: not a folder")
     settings = ServerSettings(
-        model_name=args.model_name or Path(args.adapter).resolve().name,
+        model_name=args.model_name or resolve_adapter(args.adapter).resolve().name,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         max_body_mb=args.max_body_mb,

@@ -107,7 +107,8 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     seed: int = 42
-    # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 as the paper; fp16 would need loss scaling).
+    # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere
+    # (bf16 as the paper; fp16 would need loss scaling). Trainable weights and AdamW stay fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
 
@@ -116,7 +117,9 @@ class TrainConfig:
 class CtcConfig:
     """CTC projector on the adapter output (the CTC+LLM baseline's ASR model)."""
 
-    vocab: Literal["tokenizer", "chars"] = "tokenizer"
+    # tokenizer: a linear layer over the LLM vocabulary; chars: characters; embeddings: cosine against
+    # the frozen LLM's input embeddings of the training transcripts' tokens (the alignment warm start).
+    vocab: Literal["tokenizer", "chars", "embeddings"] = "tokenizer"
     # Output labels per adapter frame: the adapter runs at ~6 frames/s, below the rate of characters.
     upsample: int = 1
     # Lower-case and strip punctuation from transcripts before training (like the original's normaliser).
@@ -157,6 +160,8 @@ class RunConfig:
     save_every: int = 500
     keep_last: int = 3
     eval_every: int = 500
+    # with each held-out evaluation, the loss with another clip's speech (the content check)
+    eval_shuffled: bool = True
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
@@ -205,7 +210,15 @@ class Config:
         group settings (a run may resume with another number of processes: the global batches
         do not depend on it)."""
         d = self.to_dict()
-        for k in ("log_every", "tensorboard", "progress", "keep_last", "save_every", "eval_every"):
+        for k in (
+            "log_every",
+            "tensorboard",
+            "progress",
+            "keep_last",
+            "save_every",
+            "eval_every",
+            "eval_shuffled",
+        ):
             d["run"].pop(k, None)
         d["data"].pop("num_workers", None)
         d["train"].pop("device", None)

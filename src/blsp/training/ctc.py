@@ -1,10 +1,17 @@
-"""The CTC baseline's ASR model: the BLSP encoder and adapter plus a CTC projector (paper 4.2).
+"""CTC on the adapter output: the CTC baseline's ASR model (paper 4.2) and the alignment warm start.
 
-The projector is ``model.extra["ctc"]``, a linear layer on the adapter output, saved and loaded
-with the adapter (``BlspConfig.ctc_vocab_size`` and the ``ctc_*`` fields below in config.json).
-Labels are the LLM tokenizer's vocabulary (default) or characters; the adapter runs at about 6
-frames a second, fewer than characters are spoken, so ``upsample`` lets each frame emit several
-labels. :class:`CtcTranscriber` greedily decodes speech to text for the CTC+LLM cascade.
+The projector is ``model.extra["ctc"]``, saved and loaded with the adapter (``BlspConfig.ctc_vocab_size``
+and the ``ctc_*`` fields below in config.json). Labels are:
+
+- ``tokenizer`` (default): the LLM tokenizer's vocabulary, through a linear layer;
+- ``chars``: characters; the adapter runs at about 6 frames a second, fewer than characters are
+  spoken, so ``upsample`` lets each frame emit several labels;
+- ``embeddings``: the LLM tokens of the training transcripts, scored by the cosine between the
+  adapter output and the frozen LLM's own input embedding of each token (plus a learned blank).
+  Needing no LLM forward pass, it is cheap, and it pulls the adapter's outputs toward the token
+  embeddings the LLM already reads: the warm start before behavior alignment (``configs/align_ctc.yaml``).
+
+:class:`CtcTranscriber` greedily decodes speech to text for the CTC+LLM cascade.
 """
 
 from __future__ import annotations
@@ -31,18 +38,31 @@ def normalize_transcript(text: str) -> str:
     return _SPACES.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
 
 
-class CtcVocab:
-    """CTC labels: the tokenizer's ids plus a blank (last), or characters with blank 0."""
+VOCAB_KINDS = ("tokenizer", "chars", "embeddings")
 
-    def __init__(self, kind: str, tokenizer: Any = None, normalize: bool = True) -> None:
-        if kind not in ("tokenizer", "chars"):
-            raise ValueError(f"CTC vocabulary must be tokenizer or chars, not {kind!r}")
+
+class CtcVocab:
+    """CTC labels: the tokenizer's ids plus a blank (last); ``token_ids`` (a subset of them, for
+    ``embeddings``) plus a blank (last); or characters with blank 0."""
+
+    def __init__(
+        self, kind: str, tokenizer: Any = None, normalize: bool = True, token_ids: list[int] | None = None
+    ) -> None:
+        if kind not in VOCAB_KINDS:
+            raise ValueError(f"CTC vocabulary must be one of {', '.join(VOCAB_KINDS)}, not {kind!r}")
+        if kind == "embeddings" and not token_ids:
+            raise ValueError("the embeddings CTC vocabulary needs the token ids it covers")
         self.kind = kind
         self.tokenizer = tokenizer
         self.normalize = normalize
+        self.token_ids = list(token_ids or [])
+        self._label = {t: i for i, t in enumerate(self.token_ids)}
         if kind == "tokenizer":
             self.size = len(tokenizer) + 1
             self.blank = len(tokenizer)
+        elif kind == "embeddings":
+            self.size = len(self.token_ids) + 1
+            self.blank = len(self.token_ids)
         else:
             self.size = len(CHARS) + 1
             self.blank = 0
@@ -51,19 +71,56 @@ class CtcVocab:
     def encode(self, text: str) -> list[int]:
         if self.normalize:
             text = normalize_transcript(text)
-        if self.kind == "tokenizer":
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return [self._index[c] for c in text.lower() if c in self._index]
+        if self.kind == "chars":
+            return [self._index[c] for c in text.lower() if c in self._index]
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.kind == "embeddings":  # tokens outside the covered set cannot be emitted
+            return [self._label[t] for t in ids if t in self._label]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
-        if self.kind == "tokenizer":
+        if self.kind == "embeddings":
+            ids = [self.token_ids[i] for i in ids if 0 <= i < len(self.token_ids)]
+        if self.kind != "chars":
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return "".join(CHARS[i - 1] for i in ids if 0 < i <= len(CHARS)).strip()
 
 
-def configure_ctc(config: Any, tokenizer: Any, kind: str, upsample: int, normalize: bool) -> CtcVocab:
+class EmbeddingCtcHead(nn.Module):
+    """CTC logits ``scale * cos(y, [E[token_ids]; blank])`` against the frozen LLM input embeddings ``E``.
+
+    Trainable: the blank vector and the scale. ``token_ids`` is a saved buffer; ``E`` is the LLM's
+    (frozen, not saved with the head).
+    """
+
+    def __init__(self, embeddings: nn.Embedding, num_labels: int, token_ids: list[int] | None = None) -> None:
+        super().__init__()
+        dim = embeddings.embedding_dim
+        self.blank = nn.Parameter(torch.randn(dim) * embeddings.weight.detach().float().std())
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(10.0))))
+        ids = torch.tensor(token_ids if token_ids is not None else [0] * (num_labels - 1), dtype=torch.long)
+        if len(ids) != num_labels - 1:
+            raise ValueError(f"{len(ids)} token ids for a head of {num_labels} labels (blank included)")
+        self.register_buffer("token_ids", ids)
+        object.__setattr__(self, "_embeddings", embeddings)  # a reference, not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # what ctc_log_probs casts the adapter output to
+        return self.blank
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        table = self._embeddings.weight.detach()[self.token_ids].to(y.dtype)
+        labels = torch.cat([F.normalize(table, dim=-1), F.normalize(self.blank.to(y.dtype), dim=0)[None]])
+        return self.log_scale.exp() * F.normalize(y, dim=-1) @ labels.T
+
+
+def configure_ctc(
+    config: Any, tokenizer: Any, kind: str, upsample: int, normalize: bool, token_ids: list[int] | None = None
+) -> CtcVocab:
     """Set the ``ctc_*`` fields of a ``BlspConfig`` (before the model is built) and return the vocab."""
-    vocab = CtcVocab(kind, tokenizer, normalize)
+    if kind == "embeddings" and upsample != 1:
+        raise ValueError("the embeddings CTC vocabulary takes ctc.upsample 1 (one token slot a frame)")
+    vocab = CtcVocab(kind, tokenizer, normalize, token_ids)
     config.ctc_vocab_size = vocab.size * upsample
     config.ctc_vocab = kind
     config.ctc_upsample = upsample
@@ -76,7 +133,9 @@ def vocab_of(model: Any) -> tuple[CtcVocab, int]:
     if "ctc" not in model.extra or not getattr(cfg, "ctc_vocab", None):
         raise ModelLoadError("this BLSP model has no CTC projector (train one with objective: ctc)")
     upsample = int(getattr(cfg, "ctc_upsample", 1))
-    vocab = CtcVocab(cfg.ctc_vocab, model.tokenizer, bool(getattr(cfg, "ctc_normalize", True)))
+    head = model.extra["ctc"]
+    token_ids = head.token_ids.tolist() if isinstance(head, EmbeddingCtcHead) else None
+    vocab = CtcVocab(cfg.ctc_vocab, model.tokenizer, bool(getattr(cfg, "ctc_normalize", True)), token_ids)
     if vocab.size * upsample != cfg.ctc_vocab_size:
         raise ModelLoadError(
             f"CTC projector has {cfg.ctc_vocab_size} outputs but vocabulary {cfg.ctc_vocab!r} x upsample "
@@ -90,7 +149,8 @@ def ctc_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log_probs [N, T*upsample, size], lengths [N])`` from features or encoder states."""
     y, lengths = model.speech_embeddings(**speech)
-    logits = model.extra["ctc"](y.to(model.extra["ctc"].weight.dtype))
+    head = model.extra["ctc"]
+    logits = head(y.to(head.weight.dtype))
     n, t, _ = logits.shape
     logits = logits.reshape(n, t * upsample, size)
     return F.log_softmax(logits.float(), dim=-1), lengths * upsample

@@ -50,6 +50,24 @@ class Example:
         return self.duration * 6.25 + (len(self.instruction) + len(self.response)) / 4.0
 
 
+def shuffled_speech(examples: list[Example]) -> list[Example] | None:
+    """The examples with each clip's speech swapped for another clip's (a derangement), targets kept.
+
+    The held-out loss on these against the matched loss measures how much the model uses the speech.
+    None when fewer than two examples have speech.
+    """
+    import dataclasses
+
+    with_audio = [i for i, e in enumerate(examples) if e.audio]
+    if len(with_audio) < 2:
+        return None
+    out = list(examples)
+    for k, i in enumerate(with_audio):
+        other = examples[with_audio[(k + 1) % len(with_audio)]]
+        out[i] = dataclasses.replace(examples[i], audio=other.audio, duration=other.duration)
+    return out
+
+
 def stable_int(*parts: Any) -> int:
     """A hash of ``parts`` that is the same in every process and Python run."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()

@@ -187,7 +187,9 @@ class BlspLoss(nn.Module):
     def forward(
         self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        logits, targets = response_logits(self.model, self._student_inputs(student))
+        # the shared head (system prompt, instruction) is computed once a batch; with LoRA the
+        # model sees a trainable LLM and runs every position itself
+        logits, targets = response_logits(self.model, self._student_inputs(student), share_head=True)
         zero = logits.new_zeros((), dtype=torch.float32)
         out = {"count": torch.tensor(targets.numel(), device=logits.device), "ce_sum": zero, "kl_sum": zero}
         total = zero
@@ -199,7 +201,7 @@ class BlspLoss(nn.Module):
             if teacher is None:
                 raise ValueError("the kl objective needs the teacher (transcript) batch")
             with torch.no_grad():
-                t_logits, t_targets = response_logits(self.model, teacher)
+                t_logits, t_targets = response_logits(self.model, teacher, share_head=True)
             if t_targets.shape != targets.shape or not torch.equal(t_targets, targets):
                 raise RuntimeError("teacher and student response tokens differ: the prompts are misaligned")
             kl = kl_sum(logits, t_logits, self.temperature)

@@ -83,6 +83,9 @@ class Task:
     def check_examples(self, examples: list[Example]) -> None:
         """Warn about data that does not fit this model (default: nothing to check)."""
 
+    def prepare(self, examples: list[Example]) -> None:
+        """Set up what depends on the training data, on every rank, before the optimizer is made."""
+
 
 # --------------------------------------------------------------------------- BLSP model
 def _blsp_config(cfg: Config) -> Any:
@@ -238,22 +241,47 @@ class CtcTask(Task):
     name = "ctc"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        from blsp.training.ctc import CtcCollator, CtcLoss, configure_ctc
+        self.cfg, self.device = cfg, device
+        self.model, self.init_state = build_blsp_model(cfg, device)
+        self.cache = _make_cache(cfg, self.model)
+        self.needs_transcript = True
+        if cfg.ctc.vocab != "embeddings":  # otherwise the labels come from the data: see prepare
+            self._build(None)
 
-        self.model, init_state = build_blsp_model(cfg, device)
-        vocab = configure_ctc(
-            self.model.config, self.model.tokenizer, cfg.ctc.vocab, cfg.ctc.upsample, cfg.ctc.normalize
-        )
-        head = nn.Linear(self.model.config.llm_dim, self.model.config.ctc_vocab_size)
-        self.model.extra["ctc"] = head.to(device)
-        head_state = {k[len("extra.ctc.") :]: v for k, v in init_state.items() if k.startswith("extra.ctc.")}
-        if head_state and head_state["weight"].shape == head.weight.shape:
+    def prepare(self, examples: list[Example]) -> None:
+        if self.cfg.ctc.vocab == "embeddings":
+            from blsp.training.ctc import normalize_transcript
+
+            norm = normalize_transcript if self.cfg.ctc.normalize else str
+            texts = {norm(e.transcript if e.transcript is not None else e.response) for e in examples}
+            tok = self.model.tokenizer
+            self._build(
+                sorted({t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"]})
+            )
+
+    def _build(self, token_ids: list[int] | None) -> None:
+        from blsp.training.ctc import CtcCollator, CtcLoss, EmbeddingCtcHead, configure_ctc
+
+        cfg, model = self.cfg, self.model
+        try:
+            vocab = configure_ctc(
+                model.config, model.tokenizer, cfg.ctc.vocab, cfg.ctc.upsample, cfg.ctc.normalize, token_ids
+            )
+        except ValueError as e:
+            raise ConfigError(f"ctc: {e}") from e
+        if cfg.ctc.vocab == "embeddings":
+            head: nn.Module = EmbeddingCtcHead(model.llm.get_input_embeddings(), vocab.size, token_ids)
+        else:
+            head = nn.Linear(model.config.llm_dim, model.config.ctc_vocab_size)
+        model.extra["ctc"] = head.to(self.device)
+        init = self.init_state
+        head_state = {k[len("extra.ctc.") :]: v for k, v in init.items() if k.startswith("extra.ctc.")}
+        mine = head.state_dict()
+        if head_state and all(k in head_state and head_state[k].shape == v.shape for k, v in mine.items()):
             head.load_state_dict(head_state)
             log.info("CTC projector initialised from %s", cfg.model.init_from)
-        self.cache = _make_cache(cfg, self.model)
-        self.collate = CtcCollator(self.model, vocab, cfg.ctc.upsample, cache=self.cache)
-        self.loss = CtcLoss(self.model, vocab, cfg.ctc.upsample)
-        self.needs_transcript = True
+        self.collate = CtcCollator(model, vocab, cfg.ctc.upsample, cache=self.cache)
+        self.loss = CtcLoss(model, vocab, cfg.ctc.upsample)
 
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         from blsp.training.objectives import attach_encoder_states

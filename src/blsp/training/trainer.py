@@ -29,7 +29,15 @@ import torch.distributed as dist
 from blsp.errors import BlspError
 from blsp.training import checkpoint as ck
 from blsp.training.config import Config, config_from_dict
-from blsp.training.data import BatchPlan, load_examples, shard_eval, stable_int, total_steps, worker_init
+from blsp.training.data import (
+    BatchPlan,
+    load_examples,
+    shard_eval,
+    shuffled_speech,
+    stable_int,
+    total_steps,
+    worker_init,
+)
 from blsp.training.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -141,12 +149,13 @@ def lr_lambda(cfg: Config, total: int):
 
 
 def _autocast(cfg: Config, device: torch.device):
-    p = cfg.train.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    if p == "fp32":
+    """The frozen LLM's matmuls in bf16 where that is fast; trainable weights and AdamW stay fp32."""
+    from blsp.utils.torch import autocast_dtype
+
+    dtype = autocast_dtype(cfg.train.precision, device)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -282,6 +291,7 @@ def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[st
             megabatch_factor=cfg.data.megabatch_factor,
             epoch_size=cfg.data.epoch_size,
         )
+        task.prepare(plan.flat)
         if d.main:
             task.check_examples(plan.flat)
         eval_examples = []
@@ -461,15 +471,11 @@ class _Loop:
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if not self.eval_examples:
-            return None
+    def _eval_loss(self, examples: list[Any]) -> float | None:
         d = self.d
-        self.task.train_mode(False)
         loss_sum, count = 0.0, 0.0
-        mbs = shard_eval(self.eval_examples, d.rank, d.world_size, self.cfg.train.micro_batch_size)
-        for idx in mbs:
-            b = self.task.collate([self.eval_examples[i] for i in idx])
+        for idx in shard_eval(examples, d.rank, d.world_size, self.cfg.train.micro_batch_size):
+            b = self.task.collate([examples[i] for i in idx])
             if not b["count"]:
                 continue
             with _autocast(self.cfg, d.device):
@@ -478,6 +484,21 @@ class _Loop:
             count += float(out["count"])
         loss_sum, count = _all_sum([loss_sum, count], d)
         return loss_sum / count if count else None
+
+    def evaluate(self) -> dict[str, float | None]:
+        """Held-out loss, and the content check: the same targets with another clip's speech.
+
+        ``gap = shuffled - loss`` (nats a target token) is about zero for an adapter that ignores
+        the speech, however low its loss: the response prior alone gives the same loss either way.
+        """
+        self.task.train_mode(False)
+        out: dict[str, float | None] = {"loss": self._eval_loss(self.eval_examples)}
+        shuffled = shuffled_speech(self.eval_examples) if self.cfg.run.eval_shuffled else None
+        if shuffled is not None and out["loss"] is not None:
+            out["shuffled"] = self._eval_loss(shuffled)
+            if out["shuffled"] is not None:
+                out["gap"] = out["shuffled"] - out["loss"]
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
@@ -512,7 +533,10 @@ class _Loop:
             )
         window_t, window_n = time.perf_counter(), 0.0
         last_metrics: dict[str, float] = {}
-        eval_loss = h["eval"][-1][1] if h["eval"] else None
+        last_eval: dict[str, float | None] = {}
+        if h["eval"]:  # a run saved before the content check logged the bare loss
+            prev = h["eval"][-1][1]
+            last_eval = dict(prev) if isinstance(prev, dict) else {"loss": prev}
         for step in range(start, self.total):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.plan.accumulation)]
@@ -545,14 +569,26 @@ class _Loop:
             if self.bar is not None:
                 self.bar.update(1)
             if self.eval_examples and (done % cfg.run.eval_every == 0 or done == self.total):
-                eval_loss = self.evaluate()
-                h["eval"].append([done, eval_loss])
-                if d.main and eval_loss is not None:
-                    logger.append([{"key": f"eval-{done}", "step": done, "eval_loss": eval_loss}])
+                last_eval = self.evaluate()
+                h["eval"].append([done, last_eval])
+                if d.main and last_eval["loss"] is not None:
+                    logger.append(
+                        [
+                            {
+                                "key": f"eval-{done}",
+                                "step": done,
+                                **{f"eval_{k}": v for k, v in last_eval.items()},
+                            }
+                        ]
+                    )
                     if self.writer is not None:
-                        self.writer.add_scalar("eval/loss", eval_loss, done)
+                        for k, v in last_eval.items():
+                            if v is not None:
+                                self.writer.add_scalar(f"eval/{k}", v, done)
                     if self.bar is not None:
-                        self.bar.write(f"step {done}: held-out loss {eval_loss:.4f}")
+                        gap = last_eval.get("gap")
+                        more = f", matched/shuffled gap {gap:.3f} nats" if gap is not None else ""
+                        self.bar.write(f"step {done}: held-out loss {last_eval['loss']:.4f}{more}")
             if done % cfg.run.save_every == 0 or done == self.total:
                 self.save(done)
         final = self.run_dir / FINAL_DIR
@@ -569,7 +605,9 @@ class _Loop:
             "skipped_examples": h["skipped"],
             "first_loss": h["first_loss"],
             "final_loss": last_metrics.get("loss"),
-            "eval_loss": eval_loss,
+            "eval_loss": last_eval.get("loss"),
+            "eval_shuffled_loss": last_eval.get("shuffled"),
+            "eval_gap": last_eval.get("gap"),
             "eval_history": h["eval"],
             "train_time_s": h["train_time_s"],
             "samples_per_s": h["samples"] / h["train_time_s"] if h["train_time_s"] else None,
