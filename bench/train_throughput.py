@@ -1,11 +1,17 @@
-"""Training throughput: this trainer vs an original-style loop, same models and data, one run.
+"""Training throughput: this trainer, the same trainer as it was before its fast path, and an
+original-style loop, same models and data, side by side in one run.
 
 "original" re-creates the loop of cwang621/blsp's stage 2: every clip padded to 30 s of log-mel
 and encoded in full (the encoder attends over the padding), the adapter over all 1500 frames, the
 LLM fed prefix | 188 speech slots (padding masked) | suffix, each part padded separately, random
 batches (no length grouping), and the encoder run again on every step (no cache).
-"ours" is ``blsp.training.trainer.train``: unpadded clips, length-grouped batches, and the
-frozen encoder's outputs cached on disk (epoch 1 fills the cache, later epochs read it).
+"old" is ``blsp.training.trainer.train`` as it was: unpadded clips, length-grouped batches, the
+frozen encoder's outputs cached on disk (epoch 1 fills the cache, later epochs read it), logits only
+at target positions, fp32 (``train.precision=fp32 train.shared_head=false``).
+"new" is the same trainer with its defaults: the rows' shared head (system prompt, instruction)
+run once a batch without gradient and its KV reused, and the frozen LLM's matmuls in bf16 on
+CPUs with bf16 instructions (the adapter and AdamW stay fp32). The loss of the first step is
+printed for each, so the fp32 paths can be seen to agree and bf16 to stay close.
 
 Both use AdamW on the adapter with the same batch size. Each runs in its own child process so
 that its peak resident memory (``getrusage``) is its own; "+RSS" is the peak minus the resident
@@ -171,6 +177,12 @@ def tiny_models(folder: Path) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- workers
+VARIANTS = {
+    "old": {"precision": "fp32", "shared_head": False},
+    "new": {},  # the trainer's defaults
+}
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     import torch
 
@@ -186,12 +198,12 @@ def run_ours(args: argparse.Namespace) -> dict:
         n = sum(1 for _ in f)
     steps_per_epoch = n // args.micro_batch
     results = []
-    cache = Path(args.work) / "encoder_cache"
+    cache = Path(args.work) / f"encoder_cache-{args.worker}"
     for epoch in range(args.epochs):
         # one run per epoch so each epoch's rate is measured on its own; the cache carries over
         cfg = config_from_dict(
             {
-                "name": f"ours{epoch}",
+                "name": f"{args.worker}{epoch}",
                 "data": {
                     "train": [{"path": args.data}],
                     "encoder_cache": str(cache),
@@ -204,9 +216,10 @@ def run_ours(args: argparse.Namespace) -> dict:
                     "micro_batch_size": args.micro_batch,
                     "max_steps": steps_per_epoch,
                     "seed": epoch,
+                    **VARIANTS[args.worker],
                 },
                 "run": {
-                    "output_dir": str(Path(args.work) / f"ours{epoch}"),
+                    "output_dir": str(Path(args.work) / f"{args.worker}{epoch}"),
                     "save_every": 10**6,
                     "progress": False,
                     "tensorboard": False,
@@ -215,7 +228,14 @@ def run_ours(args: argparse.Namespace) -> dict:
             }
         )
         s = train(cfg, model=model)
-        results.append({"samples": s["samples"], "seconds": s["train_time_s"], "cache": s["encoder_cache"]})
+        results.append(
+            {
+                "samples": s["samples"],
+                "seconds": s["train_time_s"],
+                "cache": s["encoder_cache"],
+                "first_loss": s["first_loss"],
+            }
+        )
     return {"epochs": results, "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss}
 
 
@@ -307,7 +327,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch default)")
-    ap.add_argument("--worker", choices=("ours", "original"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("original", *VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -321,7 +341,7 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING)
         if args.threads:
             torch.set_num_threads(args.threads)
-        res = (run_ours if args.worker == "ours" else run_original)(args)
+        res = (run_original if args.worker == "original" else run_ours)(args)
         Path(args.out).write_text(json.dumps(res))
         return
 
@@ -340,7 +360,7 @@ def main() -> None:
             f"micro batch {args.micro_batch}; {args.epochs} epochs"
         )
         res = {}
-        for name in ("original", "ours"):
+        for name in ("original", *VARIANTS):
             out = work / f"{name}.json"
             cmd = [
                 sys.executable,
@@ -370,26 +390,34 @@ def main() -> None:
             print(f"  {name}: done in {time.perf_counter() - t0:.0f} s")
 
     print()
+    names = ("original", *VARIANTS)
     header = f"{'':<10}" + "".join(f"{'epoch ' + str(e + 1) + ' samples/s':>20}" for e in range(args.epochs))
-    print(header + f"{'peak RSS MB':>14}{'+RSS MB':>10}")
-    for name in ("original", "ours"):
+    print(header + f"{'peak RSS MB':>14}{'+RSS MB':>10}{'first loss':>12}")
+    for name in names:
         r = res[name]
         rates = [e["samples"] / e["seconds"] for e in r["epochs"]]
+        first = r["epochs"][0].get("first_loss")
         print(
             f"{name:<10}"
             + "".join(f"{x:>20.2f}" for x in rates)
             + f"{r['peak_rss_mb']:>14.0f}{r['peak_rss_mb'] - r['base_rss_mb']:>10.0f}"
+            + (f"{first:>12.4f}" if first is not None else f"{'':>12}")
         )
-    ratios = [
-        (o["samples"] / o["seconds"]) / (b["samples"] / b["seconds"])
-        for o, b in zip(res["ours"]["epochs"], res["original"]["epochs"], strict=True)
-    ]
-    print(f"{'speed-up':<10}" + "".join(f"{x:>19.2f}x" for x in ratios))
-    caches = [e["cache"] for e in res["ours"]["epochs"]]
-    print(
-        "ours, encoder cache per epoch (clips encoded / served from disk): "
-        + ", ".join(f"{c['encoded']}/{c['served']}" for c in caches)
-    )
+
+    def rate(name: str, e: int) -> float:
+        ep = res[name]["epochs"][e]
+        return ep["samples"] / ep["seconds"]
+
+    for a, b in (("new", "old"), ("new", "original"), ("old", "original")):
+        print(
+            f"{a + '/' + b:<14}" + "".join(f"{rate(a, e) / rate(b, e):>15.2f}x" for e in range(args.epochs))
+        )
+    for name in VARIANTS:
+        caches = [e["cache"] for e in res[name]["epochs"]]
+        print(
+            f"{name}, encoder cache per epoch (clips encoded / served from disk): "
+            + ", ".join(f"{c['encoded']}/{c['served']}" for c in caches)
+        )
 
 
 if __name__ == "__main__":

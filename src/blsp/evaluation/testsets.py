@@ -6,7 +6,7 @@ text data with ``source="shared"``), each ``<root>/<name>/test.jsonl``:
 =================  ====================================  ===============================
 name               text source                           tasks
 =================  ====================================  ===============================
-``tts-asr-en``     sentences/heldout.txt (not trained on) ``asr``, ``align``
+``tts-asr-en``     sentences/heldout.txt (not trained on) ``asr``, ``align``, ``content``
 ``tts-st-en``      st.jsonl: ``en`` with ``de``/``fr``     ``st:de``, ``st:fr``, ``asr``, ``align``
 ``tts-x2en-de``    x2en.jsonl German sentences, ``en``     ``x2en:de`` (paper Table 5)
 ``tts-x2en-fr``    x2en.jsonl French sentences, ``en``     ``x2en:fr``
@@ -65,7 +65,7 @@ class BuildSpec:
 
 BUILD_SPECS: dict[str, BuildSpec] = {
     "tts-asr-en": BuildSpec(
-        "tts-asr-en", "sentences/heldout.txt", "en", ("asr", "align"), "harvard/sentences.txt"
+        "tts-asr-en", "sentences/heldout.txt", "en", ("asr", "align", "content"), "harvard/sentences.txt"
     ),
     "tts-st-en": BuildSpec(
         "tts-st-en", "st", "en", ("st:de", "st:fr", "asr", "align"), "multi30k/test_2016_flickr.jsonl"
@@ -88,6 +88,7 @@ REAL_SETS = {
 DEFAULT_TESTSET = {
     "asr": "tts-asr-en",
     "align": "tts-asr-en",
+    "content": "tts-asr-en",
     "st": "tts-st-en",
     "x2en:de": "tts-x2en-de",
     "x2en:fr": "tts-x2en-fr",

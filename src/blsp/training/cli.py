@@ -37,6 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
+    e = sub.add_parser(
+        "export",
+        help="write a run's adapter (fp16, adapter only) with a model card, ready to ship",
+        description="Export the final weights of a run (or its last checkpoint, or one checkpoint folder).",
+    )
+    e.add_argument("source", help="run folder or checkpoint folder")
+    e.add_argument("out", help="folder to write (config.json, adapter.safetensors, README.md)")
+    e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    e.add_argument("--results", help="JSON object of measured results for the model card")
+    e.add_argument("--command", default="", help="the command that continues (or repeats) the run")
+    e.set_defaults(func=_export)
+
 
 def _train(args: argparse.Namespace) -> int:
     import json
@@ -54,4 +66,28 @@ def _train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from blsp.errors import BlspError
+    from blsp.training.export import export_adapter
+
+    results = None
+    if args.results:
+        try:
+            results = json.loads(Path(args.results).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BlspError(f"--results {args.results}: not a readable JSON object ({e})") from e
+        if not isinstance(results, dict):
+            raise BlspError(f"--results {args.results}: expected a JSON object of metric -> value")
+    out = export_adapter(
+        args.source, args.out, dtype=getattr(torch, args.dtype), results=results, command=args.command
+    )
+    print(out)
     return 0

@@ -110,6 +110,9 @@ class TrainConfig:
     # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16/AMX), fp32 elsewhere
     # (bf16 as the paper; fp16 would need loss scaling). Trainable weights and AdamW stay fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Run the rows' shared head (system prompt, instruction) once a batch and reuse its KV (exact:
+    # the head precedes the speech and the LLM is frozen). Off only to measure what it saves.
+    shared_head: bool = True
     device: str = "auto"
 
 

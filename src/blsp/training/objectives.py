@@ -163,6 +163,7 @@ class BlspLoss(nn.Module):
         kl_weight: float = 1.0,
         temperature: float = 2.0,
         train_encoder: bool = False,
+        shared_head: bool = True,
     ) -> None:
         super().__init__()
         if objective not in ("ce", "kl", "ce+kl"):
@@ -173,6 +174,7 @@ class BlspLoss(nn.Module):
         self.kl_weight = kl_weight if objective == "ce+kl" else 1.0
         self.temperature = temperature
         self.train_encoder = train_encoder
+        self.shared_head = shared_head
 
     def _student_inputs(self, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.train_encoder or "input_features" not in student:
@@ -189,7 +191,9 @@ class BlspLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         # the shared head (system prompt, instruction) is computed once a batch; with LoRA the
         # model sees a trainable LLM and runs every position itself
-        logits, targets = response_logits(self.model, self._student_inputs(student), share_head=True)
+        logits, targets = response_logits(
+            self.model, self._student_inputs(student), share_head=self.shared_head
+        )
         zero = logits.new_zeros((), dtype=torch.float32)
         out = {"count": torch.tensor(targets.numel(), device=logits.device), "ce_sum": zero, "kl_sum": zero}
         total = zero
@@ -201,7 +205,7 @@ class BlspLoss(nn.Module):
             if teacher is None:
                 raise ValueError("the kl objective needs the teacher (transcript) batch")
             with torch.no_grad():
-                t_logits, t_targets = response_logits(self.model, teacher, share_head=True)
+                t_logits, t_targets = response_logits(self.model, teacher, share_head=self.shared_head)
             if t_targets.shape != targets.shape or not torch.equal(t_targets, targets):
                 raise RuntimeError("teacher and student response tokens differ: the prompts are misaligned")
             kl = kl_sum(logits, t_logits, self.temperature)

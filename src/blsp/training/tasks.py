@@ -174,6 +174,7 @@ class BlspTask(Task):
             kl_weight=t.kl_weight,
             temperature=t.kl_temperature,
             train_encoder=self.train_encoder,
+            shared_head=t.shared_head,
         )
 
     def check_examples(self, examples: list[Example], limit: int = 64) -> None:

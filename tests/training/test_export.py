@@ -1,0 +1,52 @@
+"""``blsp export``: a run's adapter as an fp16 folder with a model card written from the run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from blsp.models.modeling_blsp import BlspModel
+
+
+def test_export_writes_an_fp16_adapter_and_a_model_card_from_the_run(tiny_recipe, tiny_manifests, tmp_path):
+    from blsp.training.config import config_from_dict
+    from blsp.training.export import export_adapter
+    from blsp.training.trainer import train
+
+    rec = tiny_recipe(
+        data={
+            "train": [{"path": str(tiny_manifests["train"])}],
+            "eval": [{"path": str(tiny_manifests["eval"])}],
+        },
+        run={"output_dir": str(tmp_path / "run"), "save_every": 2, "eval_every": 2, "progress": False},
+    )
+    summary = train(config_from_dict(rec))
+    out = export_adapter(
+        tmp_path / "run",
+        tmp_path / "shipped",
+        results={"repetition WER": 0.5},
+        command="blsp train x.yaml --resume",
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter.safetensors",
+        "config.json",
+        "training_state.json",
+    ]
+    state = load_file(str(out / "adapter.safetensors"))
+    assert state and all(v.dtype == torch.float16 for v in state.values())
+    card = (out / "README.md").read_text()
+    assert "| step | matched | shuffled | gap |" in card and "| 4 |" in card
+    assert "blsp train x.yaml --resume" in card and "| repetition WER | 0.500 |" in card
+    assert f"samples seen: {summary['samples']}" in card
+    assert json.loads((out / "training_state.json").read_text())["step"] == 4
+    # the fp16 export loads and gives the run's outputs up to fp16 rounding
+    final = BlspModel.from_pretrained(tmp_path / "run" / "final", device="cpu")
+    shipped = BlspModel.from_pretrained(out, device="cpu")
+    for k, v in final.adapter.state_dict().items():
+        torch.testing.assert_close(shipped.adapter.state_dict()[k], v, rtol=2e-3, atol=2e-3)
+    # an interrupted run exports its last checkpoint
+    ckpt = export_adapter(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "early")
+    assert json.loads((ckpt / "training_state.json").read_text())["step"] == 2
