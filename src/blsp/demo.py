@@ -100,7 +100,13 @@ RECIPES: dict[str, str] = {
     "blsp_kl": "blsp_kl.yaml",
 }
 TESTSETS = ("tts-asr-en", "tts-intent", "tts-sentiment")
-TASKS = ("asr@tts-asr-en", "intent@tts-intent", "sentiment@tts-sentiment", "align@tts-asr-en")
+TASKS = (
+    "asr@tts-asr-en",
+    "intent@tts-intent",
+    "sentiment@tts-sentiment",
+    "align@tts-asr-en",
+    "content@tts-asr-en",
+)
 
 
 @dataclass
@@ -647,6 +653,7 @@ def write_report(out: Path) -> Path:
         ]
 
     L += _eval_section(results)
+    L += _speech_use_section(results)
     L += _repr_section(reprs, out)
     L += _findings(results, reprs, summaries)
     L += [
@@ -741,6 +748,48 @@ def _eval_section(results: dict[str, Any] | None) -> list[str]:
     return L
 
 
+def _speech_use_section(results: dict[str, Any] | None) -> list[str]:
+    """Per trained system: the content gap and its flag, and the distinct answers of each generation task."""
+    from blsp.evaluation.scoring import speech_verdict
+    from blsp.evaluation.tasks import GENERATION_KINDS
+
+    keys = _task_keys(results)
+    if not results or "content" not in keys:
+        return []
+    gen = [t["key"] for t in results.get("tasks", []) if t.get("kind") in GENERATION_KINDS]
+    L = ["## Does the model use the speech?", ""]
+    L += [
+        f"Source: `eval/results.json`, task `{keys['content']}`: loss (nats per target token) of each "
+        "clip's transcript under the repetition instruction after its own speech (matched) and after "
+        "another clip's (shuffled); distinct = distinct normalised answers / items of each task.",
+        "",
+    ]
+    rows = []
+    for n in RECIPES:
+        r = _res(results, n, keys["content"])
+        status = str(r.get("status", ""))
+        verdict = status if status.startswith(("error", "n/a")) or not r else speech_verdict(r)
+        distinct = [
+            f"{k.split('@')[0]} {d}/{_res(results, n, k).get('n')}"
+            for k in gen
+            if (d := _res(results, n, k).get("distinct_answers")) is not None
+        ]
+        rows.append(
+            [
+                SYSTEMS.get(n, n),
+                _f(r.get("matched"), 3),
+                _f(r.get("shuffled"), 3),
+                _f(r.get("gap"), 3),
+                verdict or "–",
+                ", ".join(distinct) or "–",
+            ]
+        )
+    L += _table(
+        ["system", "matched nats/tok", "shuffled nats/tok", "gap ↑", "speech", "distinct answers"], rows
+    )
+    return L
+
+
 def _repr_section(reprs: dict[str, Any], out: Path) -> list[str]:
     L = ["## Representation analysis (paper Tables 7/8 vs 12/13, Figures 1/3)", ""]
     for n, r in reprs.items():
@@ -763,8 +812,16 @@ def _repr_section(reprs: dict[str, Any], out: Path) -> list[str]:
             [""] + [k + "-S" for k in keys], [[a + "-S"] + [_f(tab[a][b], 3) for b in keys] for a in keys]
         )
         paired = t["paired_speech_text"]
-        L += ["Paired speech / transcript under the same instruction:", ""]
-        L += _table(list(paired), [[_f(v, 3) for v in paired.values()]])
+        corrected = t.get("paired_speech_text_corrected") or {}
+        L += [
+            "Paired speech / transcript under the same instruction (paired − unpaired: less the mean over "
+            "other clips' transcripts; about 0 when the speech vector ignores the clip):",
+            "",
+        ]
+        rows = [["paired"] + [_f(v, 3) for v in paired.values()]]
+        if corrected:
+            rows.append(["paired − unpaired"] + [_f(corrected.get(k), 3) for k in paired])
+        L += _table([""] + list(paired), rows)
         png = r.get("png")
         if png:
             rel = f"repr/{Path(png).name}"

@@ -6,7 +6,10 @@ the last prompt token (right before the response), read from the LLM with
 ``output_hidden_states=True``. From them:
 
 - Tables 7/12: average cosine of the same speech across two instructions;
-- Tables 8/13: average cosine of paired speech/text under one instruction;
+- Tables 8/13: average cosine of paired speech/text under one instruction, and beside it that
+  cosine less the average over unpaired speech/text (clip ``i``, transcript ``j != i``): the raw
+  cosine is high for any speech vector near the text region, even one that is the same for every
+  clip, while the corrected one is then about 0;
 - Figures 1/3: t-SNE of all representations (colour = instruction, shape = modality).
 """
 
@@ -113,12 +116,15 @@ def extract_representations(
 
 
 def representation_tables(reps: Representations) -> dict[str, Any]:
-    """Tables 7/12 (``speech_cross_instruction``), 8/13 (``paired_speech_text``) and the text analogue."""
+    """Tables 7/12 (``speech_cross_instruction``), 8/13 (``paired_speech_text``), the text analogue,
+    and the baseline: ``unpaired_speech_text`` and ``paired_speech_text_corrected`` (paired - unpaired)."""
     return {
         "n": len(reps.ids),
         "speech_cross_instruction": metrics.cross_instruction_table(reps.speech),
         "text_cross_instruction": metrics.cross_instruction_table(reps.text),
         "paired_speech_text": metrics.paired_modality_table(reps.speech, reps.text),
+        "unpaired_speech_text": metrics.unpaired_modality_table(reps.speech, reps.text),
+        "paired_speech_text_corrected": metrics.corrected_modality_table(reps.speech, reps.text),
     }
 
 
@@ -145,9 +151,25 @@ def tables_to_markdown(tables: Mapping[str, Any], title: str = "") -> str:
     paired = tables["paired_speech_text"]
     lines.append("**Paired speech / text under the same instruction (paper Tables 8 / 13)**")
     lines.append("")
-    lines.append("| " + " | ".join(paired) + " |")
-    lines.append("|" + "---|" * len(paired))
-    lines.append("| " + " | ".join(f"{v:.3f}" for v in paired.values()) + " |")
+    lines.append("| | " + " | ".join(paired) + " |")
+    lines.append("|" + "---|" * (len(paired) + 1))
+    for key, label in (
+        ("paired_speech_text", "paired"),
+        ("unpaired_speech_text", "unpaired (clip i, transcript j ≠ i)"),
+        ("paired_speech_text_corrected", "paired − unpaired"),
+    ):
+        row = tables.get(key)
+        if row is not None:
+            lines.append(
+                f"| {label} | "
+                + " | ".join("–" if row.get(k) is None else f"{row[k]:.3f}" for k in paired)
+                + " |"
+            )
+    lines.append("")
+    lines.append(
+        "`paired − unpaired` is about 0 when the speech representation does not depend on the clip "
+        "(the raw paired cosine can still be high then)."
+    )
     lines.append("")
     return "\n".join(lines)
 

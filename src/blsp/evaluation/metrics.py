@@ -6,7 +6,9 @@
 - ST: BLEU with ``sacrebleu`` (tokenizer ``13a``, ``zh`` for Chinese targets) and chrF.
 - Classification: accuracy after mapping free text to the label set (:mod:`blsp.evaluation.labels`)
   and the rate of answers outside the set.
-- Representations: average cosine tables of the paper's Tables 7/8 and 12/13.
+- Any generation: the number of distinct answers after normalisation (input-independent answers).
+- Representations: average cosine tables of the paper's Tables 7/8 and 12/13, and the paired
+  cosine less the unpaired one (a speech representation that ignores the clip scores about 0).
 
 All scores are percentages (0-100) except cosines and KL; an empty corpus gives ``None``.
 """
@@ -106,6 +108,11 @@ def normalizer_info(lang: str | None = "en") -> str:
         m, src = english_spelling_map()
         return f"transformers EnglishTextNormalizer (spelling map: {len(m)} entries from {src})"
     return "transformers BasicTextNormalizer"
+
+
+def distinct_count(texts: Sequence[str], lang: str | None = "en") -> int:
+    """Number of distinct ``texts`` after :func:`normalize` (an empty answer counts as one)."""
+    return len({normalize(t or "", lang) for t in texts})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,3 +249,31 @@ def paired_modality_table(
 ) -> dict[str, float]:
     """Tables 8/13: per instruction, the average cosine between paired speech and text inputs."""
     return {k: paired_cosine(speech[k], text[k]) for k in speech if k in text}
+
+
+def unpaired_cosine(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean of cos(a[i], b[j]) over all ``i != j`` of two ``[N, D]`` arrays (None below two rows)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"need two [N, D] arrays of one shape, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    if n < 2:
+        return None
+    sims = _unit(a) @ _unit(b).T
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
+def unpaired_modality_table(
+    speech: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray]
+) -> dict[str, float | None]:
+    """Per instruction, the average cosine between speech ``i`` and the transcript of another ``j``."""
+    return {k: unpaired_cosine(speech[k], text[k]) for k in speech if k in text}
+
+
+def corrected_modality_table(
+    speech: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray]
+) -> dict[str, float | None]:
+    """Paired cosine minus unpaired cosine per instruction: how much closer a clip is to its own
+    transcript than to the others' (about 0 for a speech vector that is the same for every clip)."""
+    paired, unpaired = paired_modality_table(speech, text), unpaired_modality_table(speech, text)
+    return {k: None if unpaired[k] is None else paired[k] - unpaired[k] for k in paired}

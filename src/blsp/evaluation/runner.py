@@ -7,6 +7,9 @@ Layout of ``out_dir``::
     outputs/<system>/<task>.jsonl     one row per utterance (resumable: done ids are skipped)
     outputs/<system>/transcripts@<testset>.jsonl   a cascade's ASR transcripts
 
+The ``content`` task generates nothing: it scores the transcript teacher-forced after the clip's
+own speech and after another clip's (:func:`content_rows`), to tell whether the model uses the speech.
+
 Nothing an utterance does can stop the run: a clip that cannot be read, a generation that
 raises, a judge that is down, even a system that cannot be loaded, are recorded and counted.
 """
@@ -26,7 +29,7 @@ import numpy as np
 from blsp.evaluation import metrics, scoring
 from blsp.evaluation.labels import LabelMapper
 from blsp.evaluation.systems import System
-from blsp.evaluation.tasks import PRIMARY, Task
+from blsp.evaluation.tasks import GENERATION_KINDS, PRIMARY, Task
 from blsp.utils.io import JsonlAppender, atomic_write_json, atomic_write_text, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,28 @@ def response_kl(
         kl = (lt.exp() * (lt - ls)).sum(-1)
         out.append((float(kl.sum()), int(len(ps))))
     return out
+
+
+def response_nll(model: Any, examples: Sequence[dict[str, Any]]) -> list[tuple[float, int]]:
+    """Per example ``(summed target-token cross-entropy in nats, number of target tokens)``.
+
+    ``examples`` are ``{"conversation", "response"}``; the batch is laid out and scored as
+    ``BlspLoss`` does its ``ce`` (``collate``, ``response_logits`` with the shared head).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from blsp.training.objectives import IGNORE_INDEX, response_logits
+
+    batch = model.collate(list(examples))
+    # response_logits returns the target tokens in batch-then-position order: split them by row
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+    with torch.no_grad():
+        logits, targets = response_logits(model, batch, share_head=True)
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    if ce.numel() != sum(counts) or 0 in counts:
+        raise RuntimeError(f"{ce.numel()} scored tokens for per-example target counts {counts}")
+    return [(float(part.sum()), int(n)) for part, n in zip(ce.split(counts), counts, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +230,81 @@ def _run_batch(
 
     if task.kind == "align":
         _align(system, task, items, convs, rows, max_new_tokens)
+    return rows
+
+
+def content_partners(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ``content`` task's derangement: each transcribed item gets the next one's speech (rotation)."""
+    usable = [it for it in items if isinstance(it.get("text"), str) and it["text"].strip()]
+    if len(usable) < 2:
+        return {}
+    return {str(it["id"]): usable[(k + 1) % len(usable)] for k, it in enumerate(usable)}
+
+
+def content_rows(
+    system: System, task: Task, items: list[dict[str, Any]], partners: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Loss of each item's transcript (``task.instruction``: repetition) after its own speech
+    (``matched_sum``) and after its partner's (``shuffled_sum``), both over ``tokens`` target tokens."""
+    from blsp.models.prompt import make_conversation
+
+    need = {str(it["id"]): it for it in items}
+    need |= {str(p["id"]): p for p in (partners.get(i) for i in list(need)) if p is not None}
+    audio = dict(zip(need, _load_audios(list(need.values())), strict=True))  # each clip read once
+    rows: list[dict[str, Any]] = []
+    pairs: list[tuple[int, list[dict[str, Any]]]] = []  # (row index, [matched, shuffled] examples)
+    for it in items:
+        iid = str(it["id"])
+        row: dict[str, Any] = {"id": iid, "ok": False, "response": None, "reference": task.reference(it)}
+        other = partners.get(iid)
+        if other is None:
+            row["error"] = "ValueError: no transcript"
+        else:
+            row["partner"] = str(other["id"])
+            own, theirs = audio[iid], audio[row["partner"]]
+            if isinstance(own, Exception):
+                row["error"] = _err(own)
+            elif isinstance(theirs, Exception):
+                row["error"] = "partner clip: " + _err(theirs)
+            else:
+                target = it["text"]
+                pairs.append(
+                    (
+                        len(rows),
+                        [
+                            {"conversation": make_conversation(task.instruction, audio=a), "response": target}
+                            for a in (own, theirs)
+                        ],
+                    )
+                )
+        rows.append(row)
+    if not pairs:
+        return rows
+    model = system.model
+    per: list[Any]
+    try:
+        scores = response_nll(model, [ex for _, exs in pairs for ex in exs])
+        per = [scores[2 * k : 2 * k + 2] for k in range(len(pairs))]
+    except Exception as e:
+        if len(pairs) == 1:
+            per = [e]
+        else:
+            log.warning("%s: content loss on a batch failed (%s); retrying one by one", system.name, _err(e))
+            per = []
+            for _, exs in pairs:
+                try:
+                    per.append(response_nll(model, exs))
+                except Exception as e1:
+                    per.append(e1)
+    for (k, _), res in zip(pairs, per, strict=True):
+        if isinstance(res, Exception):
+            rows[k]["error"] = _err(res)
+            continue
+        (m, n), (sh, n2) = res
+        if n != n2:  # same target text: a tokenisation that depends on the speech is a bug
+            rows[k]["error"] = f"RuntimeError: target token counts differ ({n} vs {n2})"
+            continue
+        rows[k].update(ok=True, matched_sum=m, shuffled_sum=sh, tokens=n)
     return rows
 
 
@@ -321,9 +421,28 @@ def evaluate_system_task(
     )
     ids = [str(it["id"]) for it in task.items]
     t0 = time.perf_counter()
-    if (system.kind == "text" or task.kind == "align") and not any(it.get("text") for it in task.items):
+    if (system.kind == "text" or task.kind in ("align", "content")) and not any(
+        it.get("text") for it in task.items
+    ):
         # Text+LLM (and any speech/text comparison) needs transcripts this test set does not have
         return {"n": len(ids), "failed": 0, "status": "n/a: the test set has no transcripts"}
+    partners: dict[str, dict[str, Any]] = {}
+    if task.kind == "content":
+        if system.kind != "blsp":  # the loss is on the speech path: only a speech adapter has one
+            return {
+                "n": len(ids),
+                "failed": 0,
+                "status": "n/a: only a speech adapter (blsp system) is scored",
+            }
+        partners = content_partners(task.items)
+        if not partners:
+            return {"n": len(ids), "failed": 0, "status": "n/a: needs at least two transcribed clips"}
+        if path.exists():  # a row scored against another partner (a different --limit) is redone
+            want = {i: str(p["id"]) for i, p in partners.items()}
+            rows0 = [obj for _, obj, _ in iter_jsonl(path) if obj]
+            kept = [o for o in rows0 if o.get("partner") == want.get(str(o.get("id")))]
+            if len(kept) != len(rows0):
+                write_jsonl(path, kept)
     if retry_failed and path.exists():  # drop failed rows so that they are run again
         kept = [obj for _, obj, _ in iter_jsonl(path) if obj and obj.get("ok")]
         write_jsonl(path, kept)
@@ -332,7 +451,10 @@ def evaluate_system_task(
         for s in range(0, len(todo), batch_size):
             batch = todo[s : s + batch_size]
             try:
-                rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens)
+                if task.kind == "content":
+                    rows = content_rows(system, task, batch, partners)
+                else:
+                    rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens)
             except Exception as e:  # a bug or a model that cannot load: record every item as failed
                 log.error("%s on %s: batch failed: %s", system.name, task.key, _err(e))
                 rows = [
@@ -466,6 +588,15 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def _cell(key: str, res: dict[str, Any], digits: int) -> str:
+    """A detail-table cell; distinct answers read ``distinct / items``, the speech flag in words."""
+    if key == "distinct_answers" and res.get(key) is not None:
+        return f"{res[key]}/{res.get('n')}"
+    if key == "uses_speech":
+        return scoring.speech_verdict(res)
+    return _fmt(res.get(key), digits)
+
+
 def primary_cell(kind: str, res: dict[str, Any]) -> str:
     """The overview-table cell of one result (``ASR component / via LLM`` for cascades' WER)."""
     if res.get("status", "").startswith("error"):
@@ -473,7 +604,9 @@ def primary_cell(kind: str, res: dict[str, Any]) -> str:
     if res.get("status", "").startswith("n/a"):
         return "n/a"
     key = PRIMARY[kind][0]
-    cell = _fmt(res.get(key))
+    cell = _fmt(res.get(key), 3 if kind == "content" else 1)
+    if kind == "content" and res.get("uses_speech") is False:
+        cell += " (does not use the speech)"
     if kind == "asr" and "asr_component" in res:
         cell = f"{_fmt(res['asr_component'])} / {cell}"
     if kind == "qa" and res.get("accept_rate") is None and res.get("status"):
@@ -539,7 +672,18 @@ def results_to_markdown(results: dict[str, Any]) -> str:
             ("failed", "failed"),
             ("n", "n"),
         ],
+        "content": [
+            ("matched", "matched nats/tok"),
+            ("shuffled", "shuffled nats/tok"),
+            ("gap", "gap"),
+            ("uses_speech", "speech"),
+            ("tokens", "tokens"),
+            ("failed", "failed"),
+            ("n", "n"),
+        ],
     }
+    for kind in GENERATION_KINDS:  # distinct answers sit before the failure counts
+        details[kind].insert(-2, ("distinct_answers", "distinct"))
     for t in tasks:
         cols = details[t["kind"]]
         lines.append(f"## {t['key']}")
@@ -553,8 +697,8 @@ def results_to_markdown(results: dict[str, Any]) -> str:
         ]
         for s in systems:
             r = res.get(s, {}).get(t["key"], {})
-            digits = 3 if t["kind"] == "align" else 1
-            cells = [_fmt(r.get(k), 4 if k == "kl" else digits) for k, _ in cols]
+            digits = 3 if t["kind"] in ("align", "content") else 1
+            cells = [_cell(k, r, 4 if k == "kl" else digits) for k, _ in cols]
             lines.append(f"| {s} | " + " | ".join(cells) + f" | {r.get('status', 'ok')} |")
         lines.append("")
     notes = []
@@ -571,6 +715,18 @@ def results_to_markdown(results: dict[str, Any]) -> str:
         notes.append(
             "- Alignment: the speech-path response scored against the transcript-path response; token KL is "
             "KL(text || speech) of the LLM's next-token distributions, teacher-forced on the transcript-path response."
+        )
+    if any(t["kind"] == "content" for t in tasks):
+        notes.append(
+            "- Content: teacher-forced loss (nats per target token) of each clip's transcript under the "
+            "repetition instruction, after the clip's own speech (matched) and after another clip's "
+            "(shuffled: each clip gets the next one's); gap = shuffled − matched. A gap under "
+            f"{scoring.SPEECH_GAP_NATS:g} nats: the model does not use the speech."
+        )
+    if any(t["kind"] in GENERATION_KINDS for t in tasks):
+        notes.append(
+            "- distinct: distinct answers after text normalisation / items; a model that ignores its "
+            "input gives the same few answers to every item."
         )
     if meta.get("judge"):
         notes.append(f"- QA judge: {meta['judge']} with the paper's Listing 2 prompt.")

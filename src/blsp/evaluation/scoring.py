@@ -3,8 +3,11 @@
 A row is what :mod:`blsp.evaluation.runner` writes per utterance: ``id``, ``ok`` (the system
 answered), ``response``, ``error``, ``reference`` and task-specific fields (``transcript`` for
 cascades, ``label``/``how`` for classification, ``text_response``/``kl_sum``/``kl_tokens`` for
-behavior alignment, ``verdict`` for QA). A failed row is scored as a wrong/empty answer and counted
-in ``failed``; it never stops scoring.
+behavior alignment, ``verdict`` for QA, ``matched_sum``/``shuffled_sum``/``tokens`` for content). A
+failed row is scored as a wrong/empty answer and counted in ``failed``; it never stops scoring.
+
+Every generation task also counts its distinct answers (``distinct_answers``): a model that ignores
+its input gives the same few answers to every item, whatever the task's own metric says.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from blsp.evaluation import metrics
-from blsp.evaluation.tasks import Task
+from blsp.evaluation.tasks import GENERATION_KINDS, Task
+
+#: A content gap (shuffled - matched loss, nats per target token) below this: the model does not use the speech.
+SPEECH_GAP_NATS = 0.1
 
 
 def _base(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -108,9 +114,49 @@ def score_align(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def score_content(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Teacher-forced loss of the transcript after the clip's own speech (``matched``) and after
+    another clip's (``shuffled``), in nats per target token over the scored rows; ``gap`` =
+    shuffled - matched and ``uses_speech`` = gap >= :data:`SPEECH_GAP_NATS`."""
+    out = _base(rows)
+    ok = [r for r in rows if r.get("ok") and r.get("tokens")]
+    tokens = sum(int(r["tokens"]) for r in ok)
+    out["tokens"] = tokens
+    out["matched"] = sum(float(r["matched_sum"]) for r in ok) / tokens if tokens else None
+    out["shuffled"] = sum(float(r["shuffled_sum"]) for r in ok) / tokens if tokens else None
+    out["gap"] = out["shuffled"] - out["matched"] if tokens else None
+    out["uses_speech"] = None if out["gap"] is None else out["gap"] >= SPEECH_GAP_NATS
+    return out
+
+
+def speech_verdict(res: dict[str, Any]) -> str:
+    """What a content result says in words: uses the speech, does not, or not measured."""
+    flag = res.get("uses_speech")
+    if flag is None:
+        return "–"
+    if flag:
+        return f"uses the speech (gap >= {SPEECH_GAP_NATS:g} nats)"
+    return f"does not use the speech (gap < {SPEECH_GAP_NATS:g} nats)"
+
+
+def distinct_answers(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Distinct normalised answers among the answered rows, and that count over all rows."""
+    answers = [r.get("response") or "" for r in rows if r.get("ok")]
+    k = metrics.distinct_count(answers, task.target_lang)
+    return {"distinct_answers": k, "distinct_ratio": k / len(rows) if rows else None}
+
+
 def score(task: Task, rows: Sequence[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     """Metrics of ``task`` from its per-utterance rows."""
-    fn = {"asr": score_asr, "st": score_st, "classify": score_classify, "qa": score_qa, "align": score_align}[
-        task.kind
-    ]
-    return fn(task, rows, **kw)
+    fn = {
+        "asr": score_asr,
+        "st": score_st,
+        "classify": score_classify,
+        "qa": score_qa,
+        "align": score_align,
+        "content": score_content,
+    }[task.kind]
+    out = fn(task, rows, **kw)
+    if task.kind in GENERATION_KINDS:
+        out.update(distinct_answers(task, rows))
+    return out

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from blsp.errors import BlspError
+from blsp.evaluation.scoring import SPEECH_GAP_NATS
 
 CARD = "README.md"
 STATE = "training_state.json"
-# below this matched/shuffled gap (nats a target token) a model is taken not to use the speech
-MIN_CONTENT_GAP = 0.1
 
 
 def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -112,10 +111,10 @@ def model_card(
             for r in evals
         ]
     if last_gap is not None:
-        verdict = "uses the speech" if last_gap >= MIN_CONTENT_GAP else "does NOT use the speech"
+        verdict = "uses the speech" if last_gap >= SPEECH_GAP_NATS else "does NOT use the speech"
         lines += [
             "",
-            f"Last held-out gap {last_gap:.3f} nats: the model {verdict} (threshold {MIN_CONTENT_GAP}).",
+            f"Last held-out gap {last_gap:.3f} nats: the model {verdict} (threshold {SPEECH_GAP_NATS}).",
         ]
     if results:
         lines += ["", "## Measured results", "", "| metric | value |", "|---|---|"]
