@@ -31,6 +31,7 @@ def test_run_writes_everything_and_reloads(tiny_recipe, tiny_manifests, tmp_path
             "save_every": 1,
             "keep_last": 2,
             "eval_every": 2,
+            "eval_at_start": True,
             "log_every": 1,
             "tensorboard": True,
             "progress": True,
@@ -57,8 +58,10 @@ def test_run_writes_everything_and_reloads(tiny_recipe, tiny_manifests, tmp_path
     # logs, events, summary
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["key"].startswith("train")] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if r["key"].startswith("eval")] == [2, 4]
-    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[1]["lr"] == pytest.approx(1e-3)  # warmup
+    assert [r["step"] for r in rows if r["key"].startswith("eval")] == [0, 2, 4]
+    train_rows = [r for r in rows if r["key"].startswith("train")]
+    assert train_rows[0]["lr"] == pytest.approx(5e-4) and train_rows[1]["lr"] == pytest.approx(1e-3)  # warmup
+    assert [r["samples_seen"] for r in train_rows] == [4, 8, 12, 16]
     assert all(r["samples_per_s"] > 0 for r in rows if "samples_per_s" in r)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((run / "summary.json").read_text())

@@ -165,6 +165,8 @@ class RunConfig:
     eval_every: int = 500
     # with each held-out evaluation, the loss with another clip's speech (the content check)
     eval_shuffled: bool = True
+    # also evaluate before the first step (the starting point: a warm start or a fresh adapter)
+    eval_at_start: bool = False
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True

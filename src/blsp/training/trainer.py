@@ -500,6 +500,28 @@ class _Loop:
                 out["gap"] = out["shuffled"] - out["loss"]
         return out
 
+    def _evaluate_and_log(self, done: int, logger: Any) -> dict[str, float | None]:
+        d, h = self.d, self.history
+        last_eval = self.evaluate()
+        h["eval"].append([done, last_eval])
+        if d.main and last_eval["loss"] is not None:
+            row = {
+                "key": f"eval-{done}",
+                "step": done,
+                **{f"eval_{k}": v for k, v in last_eval.items()},
+            }
+            row.update(samples_seen=h["samples"], train_time_s=h["train_time_s"])
+            logger.append([row])
+            if self.writer is not None:
+                for k, v in last_eval.items():
+                    if v is not None:
+                        self.writer.add_scalar(f"eval/{k}", v, done)
+            if self.bar is not None:
+                gap = last_eval.get("gap")
+                more = f", matched/shuffled gap {gap:.3f} nats" if gap is not None else ""
+                self.bar.write(f"step {done}: held-out loss {last_eval['loss']:.4f}{more}")
+        return last_eval
+
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
         rngs = _all_gather(ck.rng_state(), self.d)
@@ -537,6 +559,9 @@ class _Loop:
         if h["eval"]:  # a run saved before the content check logged the bare loss
             prev = h["eval"][-1][1]
             last_eval = dict(prev) if isinstance(prev, dict) else {"loss": prev}
+        if self.eval_examples and start == 0 and cfg.run.eval_at_start:
+            last_eval = self._evaluate_and_log(0, logger)  # where the run starts from (e.g. a warm start)
+            window_t = time.perf_counter()
         for step in range(start, self.total):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.plan.accumulation)]
@@ -557,6 +582,7 @@ class _Loop:
                 window_t, window_n = now, 0.0
                 if d.main:
                     row = {"key": f"train-{done}", "step": done, "samples_per_s": sps, **m}
+                    row.update(samples_seen=h["samples"], train_time_s=h["train_time_s"])
                     logger.append([row])
                     if self.writer is not None:
                         for k in ("loss", "grad_norm", "ce", "kl", "ctc"):
@@ -569,26 +595,7 @@ class _Loop:
             if self.bar is not None:
                 self.bar.update(1)
             if self.eval_examples and (done % cfg.run.eval_every == 0 or done == self.total):
-                last_eval = self.evaluate()
-                h["eval"].append([done, last_eval])
-                if d.main and last_eval["loss"] is not None:
-                    logger.append(
-                        [
-                            {
-                                "key": f"eval-{done}",
-                                "step": done,
-                                **{f"eval_{k}": v for k, v in last_eval.items()},
-                            }
-                        ]
-                    )
-                    if self.writer is not None:
-                        for k, v in last_eval.items():
-                            if v is not None:
-                                self.writer.add_scalar(f"eval/{k}", v, done)
-                    if self.bar is not None:
-                        gap = last_eval.get("gap")
-                        more = f", matched/shuffled gap {gap:.3f} nats" if gap is not None else ""
-                        self.bar.write(f"step {done}: held-out loss {last_eval['loss']:.4f}{more}")
+                last_eval = self._evaluate_and_log(done, logger)
             if done % cfg.run.save_every == 0 or done == self.total:
                 self.save(done)
         final = self.run_dir / FINAL_DIR
