@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,3 +51,34 @@ def test_export_writes_an_fp16_adapter_and_a_model_card_from_the_run(tiny_recipe
     # an interrupted run exports its last checkpoint
     ckpt = export_adapter(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "early")
     assert json.loads((ckpt / "training_state.json").read_text())["step"] == 2
+
+
+def test_learning_curve_adds_up_runs_and_plots_the_gap(tiny_recipe, tiny_manifests, tmp_path):
+    from blsp.evaluation.progress import learning_curve
+    from blsp.training.config import config_from_dict
+    from blsp.training.trainer import train
+
+    data = {
+        "train": [{"path": str(tiny_manifests["train"])}],
+        "eval": [{"path": str(tiny_manifests["eval"])}],
+    }
+    run = {"save_every": 2, "eval_every": 2, "eval_at_start": True, "progress": False}
+    warm = tiny_recipe(
+        data=data,
+        train={"objective": "ctc", "max_steps": 2},
+        ctc={"upsample": 2},
+        run={**run, "output_dir": str(tmp_path / "ctc")},
+    )
+    first = train(config_from_dict(warm))
+    rec = tiny_recipe(data=data, run={**run, "output_dir": str(tmp_path / "ce")})
+    rec["model"]["init_from"] = str(tmp_path / "ctc" / "final")
+    second = train(config_from_dict(rec))
+    res = learning_curve([tmp_path / "ctc", tmp_path / "ce"], tmp_path / "curve")
+    pts = res["points"]
+    assert [p["step"] for p in pts] == [0, 2, 4]  # the CTC run's losses are not LLM gaps
+    assert (
+        pts[0]["samples"] == first["samples"] and pts[-1]["samples"] == first["samples"] + second["samples"]
+    )
+    assert pts[-1]["cpu_hours"] == pytest.approx((first["train_time_s"] + second["train_time_s"]) / 3600)
+    assert all(p["gap"] == pytest.approx(p["shuffled"] - p["loss"]) for p in pts)
+    assert (tmp_path / "curve" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"

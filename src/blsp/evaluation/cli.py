@@ -123,6 +123,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _gen_args(pp)
     pp.set_defaults(func=_progress)
 
+    pc = esub.add_parser(
+        "curve", help="plot the held-out matched/shuffled gap vs samples and hours from training logs"
+    )
+    pc.add_argument("runs", nargs="+", help="run folders in training order (a warm start first)")
+    pc.add_argument("--out", "-o", default="runs/curve")
+    pc.set_defaults(func=_curve)
+
 
 def _judge(args: argparse.Namespace):
     from blsp.evaluation.judge import make_judge
@@ -244,5 +251,17 @@ def _progress(args: argparse.Namespace) -> int:
     )
     for name, pts in res["series"].items():
         print(name + ": " + ", ".join(f"{s}={'–' if v is None else f'{v:.2f}'}" for s, v in pts))
+    print(f"wrote {res['png']}", file=sys.stderr)
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from blsp.evaluation.progress import learning_curve
+
+    res = learning_curve(args.runs, args.out)
+    for p in res["points"]:
+        print(
+            f"{p['run']} step {p['step']}: {p['samples']} samples, {p['cpu_hours']:.2f} h, gap {p['gap']:.3f}"
+        )
     print(f"wrote {res['png']}", file=sys.stderr)
     return 0

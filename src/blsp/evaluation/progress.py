@@ -112,3 +112,69 @@ def progress_curve(
         Path(out_dir) / "progress.json", {"series": series, "checkpoints": [[s, str(p)] for s, p in ckpts]}
     )
     return {"png": str(png), "series": series, "results": results}
+
+
+def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """The held-out matched/shuffled gap against samples seen and CPU hours, from training logs.
+
+    ``runs`` are run folders in the order they were trained (e.g. the CTC warm start, then behavior
+    alignment from it): samples and time add up across them, so a warm start's cost is counted. The
+    gap is plotted for the LLM objectives only (a CTC run's eval loss is not an LLM loss).
+    Writes ``learning_curve.png`` and ``learning_curve.json``; returns the points.
+    """
+    import yaml
+
+    from blsp.evaluation.plots import _pyplot, _save
+    from blsp.utils.io import atomic_write_json
+
+    points: list[dict[str, Any]] = []
+    samples0, hours0 = 0, 0.0
+    for run in map(Path, runs):
+        log, config = run / "log.jsonl", run / "config.yaml"
+        if not log.is_file() or not config.is_file():
+            raise BlspError(f"{run}: not a training run folder (needs log.jsonl and config.yaml)")
+        objective = (
+            (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("train", {}).get("objective")
+        )
+        rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
+        last_samples, last_hours = 0, 0.0
+        for r in rows:
+            if "samples_seen" not in r:
+                continue
+            last_samples, last_hours = r["samples_seen"], r["train_time_s"] / 3600
+            if (
+                str(r.get("key", "")).startswith("eval")
+                and objective != "ctc"
+                and r.get("eval_gap") is not None
+            ):
+                points.append(
+                    {
+                        "run": run.name,
+                        "step": r["step"],
+                        "samples": samples0 + last_samples,
+                        "cpu_hours": hours0 + last_hours,
+                        "loss": r.get("eval_loss"),
+                        "shuffled": r.get("eval_shuffled"),
+                        "gap": r["eval_gap"],
+                    }
+                )
+        if not any("samples_seen" in r for r in rows):  # a log of an older trainer: its last checkpoint
+            from blsp.training import checkpoint as ck
+
+            last = ck.latest_checkpoint(run / "checkpoints")
+            hist = ck.load_trainer_state(last).get("history", {}) if last else {}
+            last_samples, last_hours = hist.get("samples", 0), hist.get("train_time_s", 0.0) / 3600
+        samples0, hours0 = samples0 + last_samples, hours0 + last_hours
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
+    for ax, key, label in ((axes[0], "samples", "samples seen"), (axes[1], "cpu_hours", "training hours")):
+        ax.plot([p[key] for p in points], [p["gap"] for p in points], "o-", ms=3)
+        ax.axhline(0.1, color="tab:red", lw=0.8, ls="--", label="0.1 nats: not using the speech")
+        ax.set_xlabel(label + " (warm start included)")
+        ax.set_ylabel("held-out gap, nats/token")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    out = Path(out_dir)
+    png = _save(fig, out / "learning_curve.png")
+    atomic_write_json(out / "learning_curve.json", {"runs": [str(r) for r in runs], "points": points})
+    return {"png": str(png), "points": points}
