@@ -91,6 +91,7 @@ SYSTEMS: dict[str, str] = {
     "blsp_kl": "BLSP (KL)",
     "text_llm": "Text+LLM",
     "whisper_llm": "Whisper+LLM",
+    "shipped": "blsp-base (shipped, not trained by the demo)",
 }
 #: Training recipes: run name -> repo config.
 RECIPES: dict[str, str] = {
@@ -257,7 +258,11 @@ def build_steps(
         )
     ev = cli + ["eval"]
     for sname in SYSTEMS:
-        if sname == "text_llm":
+        if sname == "shipped":
+            # the pretrained adapter beside what the demo trains, when the demo runs its models
+            if (encoder, llm) == (DEFAULT_ENCODER, DEFAULT_LLM):
+                ev += ["-s", "shipped=blsp:blsp-base"]
+        elif sname == "text_llm":
             ev += ["-s", "text_llm=text"]
         elif sname == "whisper_llm":
             ev += ["-s", f"whisper_llm=whisper:{encoder}"]
