@@ -218,3 +218,14 @@ def test_demo_report_shows_gap_flag_and_distinct_answers():
     assert "Text+LLM" not in md  # trained systems only
     results["tasks"] = results["tasks"][:1]
     assert demo._speech_use_section(results) == []  # no content task in the eval: no section
+
+
+def test_evaluation_and_data_import_share_a_non_empty_spelling_map():
+    """`make install` installs whisper-normalizer: the map is found, once, for both tools."""
+    from blsp.data.normalize import get_normalizer
+    from blsp.evaluation.metrics import english_spelling_map, normalize
+
+    mapping, source = english_spelling_map()
+    assert len(mapping) > 1000 and source.endswith("english.json")
+    assert normalize("The colour of the centre") == "the color of the center"
+    assert get_normalizer("whisper")("The colour of the centre") == "the color of the center"

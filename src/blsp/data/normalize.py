@@ -33,7 +33,9 @@ NORMALIZERS = ("none", "lower", "whisper", "whisper-basic")
 _SPACES = re.compile(r"\s+")
 
 
-def _find_spelling_file(model_dir: str | os.PathLike[str] | None = None) -> Path | None:
+def find_spelling_file(model_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """Whisper's ``english.json`` spelling map: ``$BLSP_WHISPER_SPELLING``, a model folder's
+    ``normalizer.json``, then the ``whisper_normalizer`` or ``openai-whisper`` package; None if none."""
     env = os.environ.get("BLSP_WHISPER_SPELLING")
     if env:
         p = Path(env)
@@ -57,7 +59,7 @@ def _find_spelling_file(model_dir: str | os.PathLike[str] | None = None) -> Path
 @functools.lru_cache(maxsize=4)
 def english_spelling_mapping(model_dir: str | None = None) -> dict[str, str]:
     """Whisper's British -> American spelling mapping (see the module docstring for where from)."""
-    p = _find_spelling_file(model_dir)
+    p = find_spelling_file(model_dir)
     if p is None:
         log.warning(
             "Whisper's English spelling mapping was not found (pip install --no-deps whisper-normalizer, "

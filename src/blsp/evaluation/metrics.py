@@ -15,12 +15,9 @@ All scores are percentages (0-100) except cosines and KL; an empty corpus gives 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,51 +46,26 @@ def bleu_tokenizer(lang: str | None) -> str:
 # Text normalisation (Whisper's, from transformers; never rewritten here)
 
 
-def _spelling_map_candidates() -> list[Path]:
-    out: list[Path] = []
-    env = os.environ.get("BLSP_WHISPER_NORMALIZER")
-    if env:
-        out.append(Path(env))
-    try:  # openai-whisper ships the same British->American map as the HF tokenizers' normalizer.json
-        import importlib.util
-
-        spec = importlib.util.find_spec("whisper")
-        if spec and spec.origin:
-            out.append(Path(spec.origin).parent / "normalizers" / "english.json")
-    except (ImportError, ValueError):
-        pass
-    return out
-
-
 @cache
 def english_spelling_map() -> tuple[dict[str, str], str]:
-    """Whisper's British->American spelling map and where it came from (empty if none is found).
+    """Whisper's British->American spelling map and where it came from ("none" if not found).
 
-    Looked up in ``$BLSP_WHISPER_NORMALIZER`` (a Whisper ``normalizer.json``) then in the
-    ``openai-whisper`` package. Without it the normaliser still does everything else
-    (numbers, contractions, fillers, punctuation, case).
+    The one lookup of :mod:`blsp.data.normalize` (``$BLSP_WHISPER_SPELLING``, then the
+    ``whisper_normalizer`` package that ``make install`` installs, then ``openai-whisper``), so
+    data import and evaluation normalise alike.
     """
-    for p in _spelling_map_candidates():
-        if p.is_file():
-            try:
-                data = json.loads(p.read_text("utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("ignoring spelling map %s: %s", p, e)
-                continue
-            if isinstance(data, dict):
-                return {str(k): str(v) for k, v in data.items()}, str(p)
-    return {}, "none"
+    from blsp.data.normalize import english_spelling_mapping, find_spelling_file
+
+    path = find_spelling_file()
+    return english_spelling_mapping(), str(path) if path else "none"
 
 
-@cache
 def text_normalizer(lang: str | None = "en") -> Any:
     """Whisper's normaliser for ``lang``: ``EnglishTextNormalizer`` for English, else ``BasicTextNormalizer``."""
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+    from blsp.data.normalize import whisper_basic_normalizer, whisper_english_normalizer
 
     code = (lang or "en").split("-")[0].lower()
-    if code == "en":
-        return EnglishTextNormalizer(english_spelling_map()[0])
-    return BasicTextNormalizer(remove_diacritics=False, split_letters=False)
+    return whisper_english_normalizer() if code == "en" else whisper_basic_normalizer()
 
 
 def normalize(text: str, lang: str | None = "en") -> str:
