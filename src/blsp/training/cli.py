@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     e.add_argument("--results", help="JSON object of measured results for the model card")
     e.add_argument("--command", default="", help="the command that continues (or repeats) the run")
+    e.add_argument("--notes", help="Markdown file added to the model card (data, licences, limitations)")
     e.set_defaults(func=_export)
 
 
@@ -86,8 +87,19 @@ def _export(args: argparse.Namespace) -> int:
             raise BlspError(f"--results {args.results}: not a readable JSON object ({e})") from e
         if not isinstance(results, dict):
             raise BlspError(f"--results {args.results}: expected a JSON object of metric -> value")
+    notes = ""
+    if args.notes:
+        try:
+            notes = Path(args.notes).read_text(encoding="utf-8")
+        except OSError as e:
+            raise BlspError(f"--notes {args.notes}: cannot read it ({e})") from e
     out = export_adapter(
-        args.source, args.out, dtype=getattr(torch, args.dtype), results=results, command=args.command
+        args.source,
+        args.out,
+        dtype=getattr(torch, args.dtype),
+        results=results,
+        command=args.command,
+        notes=notes,
     )
     print(out)
     return 0

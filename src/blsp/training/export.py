@@ -64,6 +64,7 @@ def model_card(
     progress: dict[str, Any],
     results: dict[str, Any],
     command: str,
+    notes: str = "",
 ) -> str:
     """The model card text for an exported adapter."""
     recipe = (run / "config.yaml").read_text(encoding="utf-8") if (run / "config.yaml").is_file() else ""
@@ -119,6 +120,8 @@ def model_card(
     if results:
         lines += ["", "## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in results.items()]
+    if notes:
+        lines += ["", notes.strip()]
     if recipe:
         lines += ["", "## Recipe (the run's resolved config)", "", "```yaml", recipe.rstrip(), "```"]
     return "\n".join(lines) + "\n"
@@ -131,6 +134,7 @@ def export_adapter(
     dtype: torch.dtype = torch.float16,
     results: dict[str, Any] | None = None,
     command: str = "",
+    notes: str = "",
 ) -> Path:
     """Write ``out`` (config.json, adapter.safetensors, README.md, training_state.json) from a run."""
     from safetensors.torch import load_file, save_file
@@ -153,6 +157,6 @@ def export_adapter(
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / ADAPTER_WEIGHTS)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / CARD, model_card(out.name, config, run, progress, results or {}, command))
+    atomic_write_text(out / CARD, model_card(out.name, config, run, progress, results or {}, command, notes))
     atomic_write_json(out / STATE, {**progress, "command": command})
     return out
