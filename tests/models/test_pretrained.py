@@ -52,3 +52,18 @@ def test_a_missing_or_corrupted_shipped_adapter_says_which_file_and_how_to_get_i
     with pytest.raises(ModelLoadError) as e:
         BlspModel.from_pretrained(own, device="cpu")
     assert "reinstall" not in str(e.value)
+
+
+def test_commands_that_talk_to_a_model_default_to_the_shipped_adapter():
+    from blsp.cli import build_parser
+
+    p = build_parser()
+    for argv in (
+        ["chat"],
+        ["serve", "--port", "9000"],
+        ["ui"],
+        ["generate", "in.jsonl", "out.jsonl", "--task", "asr"],
+    ):
+        assert p.parse_args(argv).adapter is None, argv  # None: BlspModel.from_pretrained's shipped default
+    args = p.parse_args(["generate", "runs/x/final", "in.jsonl", "out.jsonl", "--task", "asr"])
+    assert (args.adapter, args.manifest, args.out) == ("runs/x/final", "in.jsonl", "out.jsonl")

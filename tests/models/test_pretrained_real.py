@@ -62,4 +62,4 @@ def test_shipped_adapter_uses_the_speech(shipped, held_out):
     print(f"gap {gap:.3f} nats, WER {error:.3f}, distinct {distinct}/{len(answers)}", answers[:4])
     assert gap > 0.5
     assert distinct >= CLIPS - 2
-    assert error < 0.9
+    assert error < 80  # percent

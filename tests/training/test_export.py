@@ -41,7 +41,11 @@ def test_export_writes_an_fp16_adapter_and_a_model_card_from_the_run(tiny_recipe
     assert state and all(v.dtype == torch.float16 for v in state.values())
     card = (out / "README.md").read_text()
     assert "| step | matched | shuffled | gap |" in card and "| 4 |" in card
-    assert "blsp train x.yaml --resume" in card and "## Data\n\nsome clips, CC BY 4.0" in card and "| repetition WER | 0.500 |" in card
+    assert (
+        "blsp train x.yaml --resume" in card
+        and "## Data\n\nsome clips, CC BY 4.0" in card
+        and "| repetition WER | 0.500 |" in card
+    )
     assert f"samples seen: {summary['samples']}" in card
     assert json.loads((out / "training_state.json").read_text())["step"] == 4
     # the fp16 export loads and gives the run's outputs up to fp16 rounding
