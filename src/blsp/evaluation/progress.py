@@ -125,17 +125,33 @@ def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     import yaml
 
     from blsp.evaluation.plots import _pyplot, _save
+    from blsp.training import checkpoint as ck
     from blsp.utils.io import atomic_write_json
 
+    def progress_at(ckpt: Path) -> tuple[int, float] | None:
+        """Samples and hours a checkpoint had seen (None if it is not a checkpoint)."""
+        ckpt = ckpt.parent if ckpt.name == ck.WEIGHTS else ckpt
+        if not (ckpt / ck.STATE).is_file():
+            return None
+        hist = ck.load_trainer_state(ckpt).get("history", {})
+        return hist.get("samples", 0), hist.get("train_time_s", 0.0) / 3600
+
     points: list[dict[str, Any]] = []
-    samples0, hours0 = 0, 0.0
+    offset, prev_total, prev_run = (0, 0.0), (0, 0.0), None
     for run in map(Path, runs):
         log, config = run / "log.jsonl", run / "config.yaml"
         if not log.is_file() or not config.is_file():
             raise BlspError(f"{run}: not a training run folder (needs log.jsonl and config.yaml)")
-        objective = (
-            (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("train", {}).get("objective")
-        )
+        cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        objective = cfg.get("train", {}).get("objective")
+        if prev_run is not None:
+            # a run started from a checkpoint of the one before counts that run up to that checkpoint
+            init = (cfg.get("model") or {}).get("init_from")
+            start = (
+                progress_at(Path(init)) if init and Path(init).resolve().is_relative_to(prev_run) else None
+            )
+            done = start or prev_total
+            offset = (offset[0] + done[0], offset[1] + done[1])
         rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
         last_samples, last_hours = 0, 0.0
         for r in rows:
@@ -151,20 +167,17 @@ def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
                     {
                         "run": run.name,
                         "step": r["step"],
-                        "samples": samples0 + last_samples,
-                        "cpu_hours": hours0 + last_hours,
+                        "samples": offset[0] + last_samples,
+                        "cpu_hours": offset[1] + last_hours,
                         "loss": r.get("eval_loss"),
                         "shuffled": r.get("eval_shuffled"),
                         "gap": r["eval_gap"],
                     }
                 )
         if not any("samples_seen" in r for r in rows):  # a log of an older trainer: its last checkpoint
-            from blsp.training import checkpoint as ck
-
             last = ck.latest_checkpoint(run / "checkpoints")
-            hist = ck.load_trainer_state(last).get("history", {}) if last else {}
-            last_samples, last_hours = hist.get("samples", 0), hist.get("train_time_s", 0.0) / 3600
-        samples0, hours0 = samples0 + last_samples, hours0 + last_hours
+            last_samples, last_hours = (progress_at(last) if last else None) or (0, 0.0)
+        prev_total, prev_run = (last_samples, last_hours), run.resolve()
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
     for ax, key, label in ((axes[0], "samples", "samples seen"), (axes[1], "cpu_hours", "training hours")):
