@@ -56,6 +56,8 @@ def test_export_writes_an_fp16_adapter_and_a_model_card_from_the_run(tiny_recipe
     # an interrupted run exports its last checkpoint
     ckpt = export_adapter(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "early")
     assert json.loads((ckpt / "training_state.json").read_text())["step"] == 2
+    early = (ckpt / "README.md").read_text()
+    assert "| 2 |" in early and "| 4 |" not in early  # its card stops at its own step
 
 
 def test_learning_curve_adds_up_runs_and_plots_the_gap(tiny_recipe, tiny_manifests, tmp_path):

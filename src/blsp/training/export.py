@@ -68,8 +68,13 @@ def model_card(
 ) -> str:
     """The model card text for an exported adapter."""
     recipe = (run / "config.yaml").read_text(encoding="utf-8") if (run / "config.yaml").is_file() else ""
-    evals = _log_rows(run, "eval")
-    trains = _log_rows(run, "train")
+    upto = progress.get("step")  # a checkpoint's card stops at its own step, not at the run's end
+
+    def until(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if upto is None or r.get("step", 0) <= upto]
+
+    evals = until(_log_rows(run, "eval"))
+    trains = until(_log_rows(run, "train"))
     last_gap = next((r["eval_gap"] for r in reversed(evals) if r.get("eval_gap") is not None), None)
     lines = [
         f"# {name}",
@@ -159,4 +164,6 @@ def export_adapter(
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(out / CARD, model_card(out.name, config, run, progress, results or {}, command, notes))
     atomic_write_json(out / STATE, {**progress, "command": command})
+    for f in (ADAPTER_WEIGHTS, "config.json", CARD, STATE):
+        (out / f).chmod(0o644)  # readable like any installed package file (temp files start 0600)
     return out
