@@ -31,6 +31,19 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 IGNORE_INDEX = -100
 
 
+def write_adapter_folder(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write ``adapter.safetensors`` (``state``) and ``config.json`` (``config``) atomically into ``path``."""
+    from blsp.utils.io import atomic_write_text
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / ADAPTER_WEIGHTS)
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+
+
 @dataclass
 class BlspOutput:
     """``loss`` (mean token cross-entropy over ``labels != -100``), ``logits [B, L, V]``, ``labels``."""
@@ -168,15 +181,7 @@ class BlspModel(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``adapter.safetensors``: the adapter only, never the LLM."""
-        from blsp.utils.io import atomic_write_text
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
-        tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / ADAPTER_WEIGHTS)
-        atomic_write_text(path / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+        write_adapter_folder(path, self.trainable_state_dict(), self.config.to_dict())
 
     # ------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> BlspModel:
@@ -365,10 +370,12 @@ class BlspModel(nn.Module):
 
     def _cache_arg(self, cache: Any) -> dict[str, Any]:
         """``cache=`` on transformers that renamed ``past_key_values`` (5.2x), else the old name."""
-        import inspect
+        if not hasattr(self, "_cache_name"):  # the LLM's signature is fixed: look it up once
+            import inspect
 
-        params = inspect.signature(self.llm.forward).parameters
-        return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+            params = inspect.signature(self.llm.forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_name: cache}
 
     def forward(
         self,

@@ -45,12 +45,11 @@ def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
     return _weights_folder(last)
 
 
-def _log_rows(run: Path, kind: str) -> list[dict[str, Any]]:
+def _log_rows(run: Path) -> list[dict[str, Any]]:
     log = run / "log.jsonl"
     if not log.is_file():
         return []
-    rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [r for r in rows if str(r.get("key", "")).startswith(kind)]
+    return [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _fmt(v: Any) -> str:
@@ -73,8 +72,9 @@ def model_card(
     def until(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [r for r in rows if upto is None or r.get("step", 0) <= upto]
 
-    evals = until(_log_rows(run, "eval"))
-    trains = until(_log_rows(run, "train"))
+    rows = until(_log_rows(run))
+    evals = [r for r in rows if str(r.get("key", "")).startswith("eval")]
+    trains = [r for r in rows if str(r.get("key", "")).startswith("train")]
     last_gap = next((r["eval_gap"] for r in reversed(evals) if r.get("eval_gap") is not None), None)
     lines = [
         f"# {name}",
@@ -86,8 +86,8 @@ def model_card(
         "## Intended use",
         "",
         "Research and demonstration of behavior alignment on a laptop CPU: English speech in, text out, "
-        "following text instructions about the speech (repeat, continue, answer). The LLM is a 135M model: "
-        "its answers are those of a very small LLM, whatever the input.",
+        "following text instructions about the speech (repeat, continue, answer); the frozen LLM's "
+        "abilities bound what it can answer.",
         "",
         "## Training",
         "",
@@ -142,9 +142,9 @@ def export_adapter(
     notes: str = "",
 ) -> Path:
     """Write ``out`` (config.json, adapter.safetensors, README.md, training_state.json) from a run."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
+    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS, write_adapter_folder
     from blsp.utils.io import atomic_write_json, atomic_write_text
 
     source, out = Path(source), Path(out)
@@ -157,11 +157,7 @@ def export_adapter(
     state = {k: v.to(dtype).contiguous() for k, v in state.items() if k.startswith("adapter.")}
     for key in [k for k in config if k.startswith("ctc_")]:  # the CTC head is not exported
         config[key] = None
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / ADAPTER_WEIGHTS)
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    write_adapter_folder(out, state, config)
     atomic_write_text(out / CARD, model_card(out.name, config, run, progress, results or {}, command, notes))
     atomic_write_json(out / STATE, {**progress, "command": command})
     for f in (ADAPTER_WEIGHTS, "config.json", CARD, STATE):
