@@ -132,12 +132,16 @@ def test_tiny_demo_report(tiny_run: tuple[Path, subprocess.CompletedProcess[str]
     assert demo.SYSTEMS["shipped"] not in eval_rows  # the tiny models are not the shipped adapter's
     for name in ("BLSP", "BLSP+RP", "ASR pretraining", "BLSP (KL)", "Text+LLM"):
         assert all(NUM.match(c) for c in eval_rows[name][1:]), eval_rows[name]
+    speech_rows = {r[0]: r for r in tables["## Does the model use the speech?"]}
+    assert {demo.SYSTEMS[n] for n in (*demo.WARM, "blsp_scratch")} <= set(speech_rows)
+    assert "Do the adapters this run trained from its own warm start use the speech" in md
     # the random Whisper has no tokenizer: every answer of the cascade fails, and the table says so
     assert all("error" in c or "3 of 3 failed" in c for c in eval_rows["Whisper+LLM"][1:])
 
     # the plots: relative links to valid PNG files
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 3 and "training_loss.png" in links  # loss curves + two t-SNE pictures
+    # loss curves, the repository's measured learning curve, two t-SNE pictures
+    assert len(links) == 4 and {"training_loss.png", "learning_curve.png"} <= set(links)
     for link in links:
         data = (out / link).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 1000

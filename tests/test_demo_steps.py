@@ -16,3 +16,18 @@ def test_the_shipped_adapter_is_evaluated_beside_the_demo_systems_on_its_own_mod
     assert "content@tts-asr-en" in argv  # every system's matched/shuffled gap is in the report
     other = _eval_argv(tmp_path, encoder="some/whisper", llm="some/llm")
     assert not any(a.startswith("shipped=") for a in other)  # trained for other models: left out
+
+
+def test_every_paper_recipe_starts_from_the_demos_warm_start_and_one_from_scratch(tmp_path):
+    steps = {s.name: s for s in demo.build_steps(tmp_path, demo.PRESETS["default"])}
+    warm = "model.init_from=" + demo._rel(tmp_path / "runs" / "align_ctc" / "final")
+    assert "configs/align_ctc.yaml" in " ".join(steps["train_align_ctc"].argv)
+    for name in demo.WARM:
+        st = steps[f"train_{name}"]
+        assert warm in st.argv and "train_align_ctc" in st.needs, name
+    scratch = steps["train_blsp_scratch"]
+    assert "model.init_from=null" in scratch.argv and "train_align_ctc" not in scratch.needs
+    # BLSP and its from-scratch twin differ in the start only
+    strip = {warm, "model.init_from=null"}
+    blsp = [a for a in steps["train_blsp"].argv if a not in strip and "runs/blsp" not in a]
+    assert blsp == [a for a in scratch.argv if a not in strip and "runs/blsp" not in a]

@@ -176,6 +176,30 @@ def test_continuation_resumes_and_skips_bad_inputs(tiny_dirs, manifest, tmp_path
     assert third["this_run"]["generated"] == 0 and job._tokenizer is None, "nothing to do loads nothing"
 
 
+def test_greedy_generates_a_transcript_once_for_all_its_clips(tiny_dirs, tmp_path, monkeypatch):
+    from blsp.behaviors import backends
+
+    seen: list[int] = []
+    real = backends.TransformersBackend.generate
+
+    def counting(self, prompts, settings, seed=None):
+        seen.append(len(prompts))
+        return real(self, prompts, settings, seed)
+
+    monkeypatch.setattr(backends.TransformersBackend, "generate", counting)
+    texts = sentences(3)
+    rows = [
+        {"id": f"{i}-{v}", "audio": f"{i}-{v}.flac", "text": t} for i, t in enumerate(texts) for v in "ab"
+    ]
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    summary = run_behave(opts(tiny_dirs, m, out, echo="flag", max_prompt_tokens=1000))
+    assert sum(seen) == 3, "one generation per distinct transcript"
+    got = {r["id"]: r["response"] for r in rows_of(out)}
+    assert len(got) == 6 and summary["kept"] == 6
+    assert all(got[f"{i}-a"] == got[f"{i}-b"] for i in range(3))
+
+
 def test_appending_with_other_settings_is_refused(tiny_dirs, manifest, tmp_path):
     out = tmp_path / "cw.jsonl"
     run_behave(opts(tiny_dirs, manifest, out, limit=2))

@@ -556,16 +556,27 @@ class BehaviorJob:
             return
 
         backend = self._make_backend()
+        # Greedy decoding answers a prompt one way: a transcript spoken by several voices is
+        # generated once, and its response is given to every clip of it.
+        groups: dict[Any, list[tuple[Item, list[int]]]] = {}
+        for it, prompt in ready:
+            groups.setdefault(it.ordinal if o.settings.do_sample else tuple(prompt), []).append((it, prompt))
         # Longest prompts first: batches of similar lengths (little padding), and memory errors show early.
-        ready.sort(key=lambda x: (-len(x[1]), x[0].ordinal))
+        unique = sorted(groups.values(), key=lambda g: (-len(g[0][1]), g[0][0].ordinal))
         failed: JsonlAppender | None = None
         progress = _progress(len(ready), f"behave {self.behavior.name}")
         try:
-            for batch in _batches(ready, self.batch_size):
+            for chunk in _batches(unique, self.batch_size):
                 t0 = time.perf_counter()
-                seed = _batch_seed(o.settings.seed, batch[0][0].id) if o.settings.do_sample else None
-                completions = backend.generate([p for _, p in batch], o.settings, seed)
+                seed = _batch_seed(o.settings.seed, chunk[0][0][0].id) if o.settings.do_sample else None
+                answers = backend.generate([g[0][1] for g in chunk], o.settings, seed)
                 stats["seconds"] += time.perf_counter() - t0
+                if len(answers) != len(chunk):
+                    raise RuntimeError(
+                        f"backend returned {len(answers)} completions for {len(chunk)} prompts"
+                    )
+                batch = [m for g in chunk for m in g]
+                completions = [c for g, c in zip(chunk, answers, strict=True) for _ in g]
                 good, bad, errors = self._judge_batch(batch, completions)
                 stats["generated"] += len(batch) - len(errors)
                 kept.append(good)
