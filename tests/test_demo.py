@@ -34,6 +34,7 @@ SECTIONS = (
     "## The paper's findings, checked on this run",
 )
 NUM = re.compile(r"^-?\d+(?:\.\d+)?$")
+CELL = re.compile(r"^-?\d+(?:\.\d+)?( \[-?\d+(?:\.\d+)?, -?\d+(?:\.\d+)?\])?$")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def test_tiny_demo_report(tiny_run: tuple[Path, subprocess.CompletedProcess[str]
         pool = counts if section == "## Data" else values
         for row in rows:
             for cell in row:
-                for token in cell.split(" / "):
+                for token in cell.replace("[", " / ").replace("]", "").replace(",", " / ").split(" / "):
+                    token = token.strip()
                     if NUM.match(token):
                         checked += 1
                         assert _matches(token, pool), f"{section}: {token!r} in {row} is not in the outputs"
@@ -131,7 +133,8 @@ def test_tiny_demo_report(tiny_run: tuple[Path, subprocess.CompletedProcess[str]
     assert trained_here <= set(eval_rows)
     assert demo.SYSTEMS["shipped"] not in eval_rows  # the tiny models are not the shipped adapter's
     for name in ("BLSP", "BLSP+RP", "ASR pretraining", "BLSP (KL)", "Text+LLM"):
-        assert all(NUM.match(c) for c in eval_rows[name][1:]), eval_rows[name]
+        # a value and its 95 % interval: "12.5 [0.0, 33.3]"
+        assert all(CELL.match(c) for c in eval_rows[name][1:]), eval_rows[name]
     speech_rows = {r[0]: r for r in tables["## Does the model use the speech?"]}
     assert {demo.SYSTEMS[n] for n in (*demo.WARM, "blsp_scratch")} <= set(speech_rows)
     assert "Do the adapters this run trained from its own warm start use the speech" in md

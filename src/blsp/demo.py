@@ -566,6 +566,15 @@ def _f(v: Any, d: int = 2) -> str:
     return str(v)
 
 
+def _fci(res: dict[str, Any], metric: str, d: int = 2) -> str:
+    """A metric and its 95 % interval (when the result has one)."""
+    from blsp.evaluation import stats
+
+    ci = (res.get("ci") or {}).get(metric)
+    cell = _f(res.get(metric), d)
+    return f"{cell} {stats.fmt_ci(ci, d)}" if ci is not None and res.get(metric) is not None else cell
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -707,7 +716,7 @@ def write_report(out: Path) -> Path:
     L += _eval_section(results)
     L += _speech_use_section(results, out)
     L += _repr_section(reprs, out)
-    L += _findings(results, reprs, summaries)
+    L += _findings(results, reprs, summaries, out)
     L += [
         "## Not covered",
         "",
@@ -755,7 +764,10 @@ def _eval_section(results: dict[str, Any] | None) -> list[str]:
         return L + ["Not available: the eval step did not produce `eval/results.json`.", ""]
     keys = _task_keys(results)
     systems = [s["name"] for s in results.get("systems", [])]
-    L += ["Source: `eval/results.json` (per-utterance outputs under `eval/outputs/`). Greedy decoding.", ""]
+    L += [
+        "Source: `eval/results.json` (per-utterance outputs under `eval/outputs/`). Greedy decoding; [lo, hi]: 95 % bootstrap interval over items.",
+        "",
+    ]
     head = ["system"]
     cols: list[tuple[str, str, int]] = []
     if "asr" in keys:
@@ -776,9 +788,9 @@ def _eval_section(results: dict[str, Any] | None) -> list[str]:
             if str(r.get("status", "")).startswith("error"):
                 row.append("error")
             elif r.get("failed"):  # failed answers count as wrong; say how many
-                row.append(f"{_f(r.get(metric), d)} ({r['failed']} of {r.get('n')} failed)")
+                row.append(f"{_fci(r, metric, d)} ({r['failed']} of {r.get('n')} failed)")
             else:
-                row.append(_f(r.get(metric), d))
+                row.append(_fci(r, metric, d))
         rows.append(row)
     L += _table(head, rows)
     L += [
@@ -836,7 +848,7 @@ def _speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
                 SYSTEMS.get(n, n),
                 _f(r.get("matched"), 3),
                 _f(r.get("shuffled"), 3),
-                _f(r.get("gap"), 3),
+                _fci(r, "gap", 3),
                 verdict or "–",
                 ", ".join(distinct) or "–",
             ]
@@ -844,16 +856,23 @@ def _speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
     L += _table(
         ["system", "matched nats/tok", "shuffled nats/tok", "gap ↑", "speech", "distinct answers"], rows
     )
-    gaps = {n: _res(results, n, keys["content"]).get("gap") for n in WARM}
-    known = {n: g for n, g in gaps.items() if isinstance(g, (int, float))}
-    scratch = _res(results, "blsp_scratch", keys["content"]).get("gap")
+    from blsp.evaluation import stats
+
+    def above(n: str) -> str | None:  # the gap's interval against the bar
+        ci = (_res(results, n, keys["content"]).get("ci") or {}).get("gap")
+        return None if ci is None else stats.verdict([ci[0] - USES_SPEECH_NATS, ci[1] - USES_SPEECH_NATS])
+
+    def gap(n: str) -> str:
+        r = _res(results, n, keys["content"])
+        return f"{_f(r.get('gap'), 2)} {stats.fmt_ci((r.get('ci') or {}).get('gap'), 2)}".strip()
+
     L += [
-        f"Do the adapters this run trained from its own warm start use the speech (gap > {USES_SPEECH_NATS} "
-        "nats on every one)? "
-        + _verdict(all(g > USES_SPEECH_NATS for g in known.values()) if len(known) == len(gaps) else None)
+        f"Do the adapters this run trained from its own warm start use the speech (gap above {USES_SPEECH_NATS} "
+        "nats, the whole 95 % interval, on every one)? "
+        + _verdict(_all([above(n) for n in WARM]))
         + " ("
-        + ", ".join(f"{SYSTEMS[n]} {_f(g, 2)}" for n, g in gaps.items())
-        + f"; from scratch, the same steps: {_f(scratch, 2)}).",
+        + ", ".join(f"{SYSTEMS[n]} {gap(n)}" for n in WARM)
+        + f"; from scratch, the same steps: {gap('blsp_scratch')}).",
         "",
     ]
     curve = _measured_curve(out)
@@ -919,90 +938,110 @@ def _repr_section(reprs: dict[str, Any], out: Path) -> list[str]:
     return L
 
 
-def _mean(vals: Sequence[float]) -> float | None:
-    vals = [v for v in vals if isinstance(v, (int, float))]
-    return sum(vals) / len(vals) if vals else None
+def _verdict(v: str | None) -> str:
+    """A verdict of :mod:`blsp.evaluation.stats` in bold, or *not checked* without numbers."""
+    return "**not checked** (missing numbers)" if v is None else f"**{v}**"
 
 
-def _offdiag_mean(tab: dict[str, dict[str, float]]) -> float | None:
-    return _mean([tab[a][b] for a in tab for b in tab[a] if a != b])
+def _all(verdicts: Sequence[str | None]) -> str | None:
+    """One verdict for several: holds only if each holds, does not hold if any does not."""
+    from blsp.evaluation import stats
+
+    if not verdicts or any(v is None for v in verdicts):
+        return None
+    if all(v == stats.HOLDS for v in verdicts):
+        return stats.HOLDS
+    return stats.FAILS if stats.FAILS in verdicts else stats.UNRESOLVED
 
 
-def _verdict(holds: bool | None) -> str:
-    return (
-        "**not checked** (missing numbers)"
-        if holds is None
-        else ("**holds**" if holds else "**does not hold**")
-    )
+def _diff(d: dict[str, Any], digits: int = 1) -> str:
+    """``diff [lo, hi], p`` of a paired comparison."""
+    from blsp.evaluation import stats
+
+    if d.get("diff") is None:
+        return "–"
+    return f"{d['diff']:+.{digits}f} {stats.fmt_ci(d['ci'], digits)}, p = {d['p']:.3f}"
 
 
-def _findings(results: dict[str, Any] | None, reprs: dict[str, Any], summaries: dict[str, Any]) -> list[str]:
+def _findings(
+    results: dict[str, Any] | None, reprs: dict[str, Any], summaries: dict[str, Any], out: Path
+) -> list[str]:
+    from blsp.evaluation import stats
+    from blsp.evaluation.runner import paired_comparison
+
     L = ["## The paper's findings, checked on this run", ""]
+    L += [
+        "Each verdict rests on a paired difference over the test items that both systems answered, "
+        f"with its 95 % bootstrap interval ({stats.N_BOOT} resamples) and a two-sided bootstrap p-value: "
+        f"**{stats.HOLDS}** when the whole interval is on the claimed side of zero, **{stats.FAILS}** "
+        f"when it is on the other side, **{stats.UNRESOLVED}** when it straddles zero.",
+        "",
+    ]
     keys = _task_keys(results)
+    ev = out / "eval"
+
+    def compare(task: str, a: str, b: str, metric: str) -> dict[str, Any]:
+        if not results or task not in keys:
+            return {"diff": None, "ci": None}
+        return paired_comparison(ev, results, keys[task], a, b, metric)
+
     # (a) compliance
     L += [
         "**(a) After ASR pretraining the model follows non-ASR instructions far less than BLSP.** "
-        "Off-format answers (% of answers naming no label of the task):",
+        "Off-format answers (% of answers naming no label of the task), ASR pretraining − BLSP:",
         "",
     ]
-    holds_a: list[bool] = []
+    va = []
     for k in ("intent", "sentiment"):
         if k not in keys:
             continue
+        d = compare(k, "asr_pretrain", "blsp", "out_of_set_rate")
+        va.append(stats.verdict(d["ci"], "positive"))
         a = _res(results, "asr_pretrain", keys[k]).get("out_of_set_rate")
         b = _res(results, "blsp", keys[k]).get("out_of_set_rate")
-        if a is not None and b is not None:
-            holds_a.append(a > b)
-        L.append(
-            f"- {k}: ASR pretraining {_f(a, 1)} % vs BLSP {_f(b, 1)} % off-format "
-            f"(accuracy {_f(_res(results, 'asr_pretrain', keys[k]).get('accuracy'), 1)} % vs "
-            f"{_f(_res(results, 'blsp', keys[k]).get('accuracy'), 1)} %)."
-        )
-    L += [
-        "",
-        "Verdict: "
-        + _verdict(all(holds_a) if holds_a else None)
-        + (" (on every task)" if holds_a and all(holds_a) else ""),
-        "",
-    ]
+        L.append(f"- {k}: {_f(a, 1)} % vs {_f(b, 1)} %, difference {_diff(d)}: {_verdict(va[-1])}.")
+    L += ["", "Verdict: " + _verdict(_all(va)), ""]
     # (b) representations
-    ra, rb = reprs.get("asr_pretrain"), reprs.get("blsp")
     L += [
         "**(b) Paired speech/transcript representations are closer after BLSP than after ASR pretraining, "
         "and the same speech under different instructions is more distinct.**",
         "",
     ]
-    if ra and rb:
-        pa, pb = ra["tables"]["paired_speech_text"], rb["tables"]["paired_speech_text"]
-        xa = _offdiag_mean(ra["tables"]["speech_cross_instruction"])
-        xb = _offdiag_mean(rb["tables"]["speech_cross_instruction"])
-        closer = [pb[k] > pa[k] for k in pa if k in pb]
+    npz = {n: Path((r or {}).get("npz") or "") for n, r in reprs.items()}
+    if all(p.is_file() for p in npz.values()) and len(npz) == 2:
+        from blsp.evaluation.analysis import item_cosines
+
+        ca, cb = item_cosines(npz["asr_pretrain"]), item_cosines(npz["blsp"])
+        ones = {k: {i: (v, 1.0) for i, v in c.items()} for k, c in (("a", ca["paired"]), ("b", cb["paired"]))}
+        dp = stats.paired_difference(ones["b"], ones["a"])
+        ones = {k: {i: (v, 1.0) for i, v in c.items()} for k, c in (("a", ca["cross"]), ("b", cb["cross"]))}
+        dx = stats.paired_difference(ones["b"], ones["a"])
+        vb1, vb2 = stats.verdict(dp["ci"], "positive"), stats.verdict(dx["ci"], "negative")
         L.append(
-            "- paired speech/text cosine per instruction, ASR pretraining vs BLSP: "
-            + "; ".join(f"{k} {_f(pa[k], 3)} vs {_f(pb[k], 3)}" for k in pa if k in pb)
-            + f" (BLSP closer on {sum(closer)} of {len(closer)})."
+            "- paired speech/transcript cosine (mean over the instructions), BLSP − ASR pretraining: "
+            f"{_diff(dp, 3)}: {_verdict(vb1)}."
         )
         L.append(
-            f"- same speech across instructions, mean off-diagonal cosine: ASR pretraining {_f(xa, 3)} "
-            f"vs BLSP {_f(xb, 3)} (lower = more distinct)."
+            "- same speech across instructions, mean cosine over instruction pairs (lower = more distinct), "
+            f"BLSP − ASR pretraining: {_diff(dx, 3)}: {_verdict(vb2)}."
         )
-        hb1 = bool(closer) and all(closer)
-        hb2 = xa is not None and xb is not None and xb < xa
         L += [
             "",
-            f"Verdict: closer pairs {_verdict(hb1)}; more distinct across instructions {_verdict(hb2)}.",
+            f"Verdict: closer pairs {_verdict(vb1)}; more distinct across instructions {_verdict(vb2)}.",
             "",
         ]
     else:
-        L += ["Not checked: the representation step did not produce both models' tables.", ""]
+        L += ["Not checked: the representation step did not produce both models' vectors.", ""]
     # (c) RP WER
     L += ["**(c) BLSP+RP has a lower WER than BLSP.**", ""]
     wa = _res(results, "blsp_rp", keys.get("asr", "")).get("score")
     wb = _res(results, "blsp", keys.get("asr", "")).get("score")
+    dc = compare("asr", "blsp_rp", "blsp", "score")
+    vc = stats.verdict(dc["ci"], "negative")
     L += [
-        f"- ASR WER: BLSP+RP {_f(wa, 2)} % vs BLSP {_f(wb, 2)} %.",
+        f"- ASR WER: BLSP+RP {_f(wa, 2)} % vs BLSP {_f(wb, 2)} %, difference {_diff(dc)}.",
         "",
-        "Verdict: " + _verdict(None if wa is None or wb is None else wa < wb),
+        "Verdict: " + _verdict(vc),
         "",
     ]
     # (d) KL vs CE
@@ -1010,10 +1049,12 @@ def _findings(results: dict[str, Any] | None, reprs: dict[str, Any], summaries: 
     sc, sk = summaries.get("blsp") or {}, summaries.get("blsp_kl") or {}
     ak = keys.get("align", "")
     ce_a, kl_a = _res(results, "blsp", ak), _res(results, "blsp_kl", ak)
+    dd = compare("align", "blsp_kl", "blsp", "kl")
     L.append(f"- steps: CE {_f(sc.get('steps'))}, KL {_f(sk.get('steps'))}.")
     L.append(
         f"- behavior alignment chrF s/t: CE {_f(ce_a.get('chrf'), 2)} vs KL {_f(kl_a.get('chrf'), 2)}; "
-        f"token KL(text || speech): CE {_f(ce_a.get('kl'), 4)} vs KL {_f(kl_a.get('kl'), 4)}."
+        f"token KL(text || speech): CE {_f(ce_a.get('kl'), 4)} vs KL {_f(kl_a.get('kl'), 4)}, "
+        f"KL − CE {_diff(dd, 4)}."
     )
     L.append(
         f"- ASR WER: CE {_f(wb, 2)} % vs KL {_f(_res(results, 'blsp_kl', keys.get('asr', '')).get('score'), 2)} %."
@@ -1024,17 +1065,10 @@ def _findings(results: dict[str, Any] | None, reprs: dict[str, Any], summaries: 
                 f"- {k} accuracy: CE {_f(_res(results, 'blsp', keys[k]).get('accuracy'), 1)} % vs KL "
                 f"{_f(_res(results, 'blsp_kl', keys[k]).get('accuracy'), 1)} %."
             )
-    better = None
-    if ce_a.get("kl") is not None and kl_a.get("kl") is not None:
-        better = "KL" if kl_a["kl"] < ce_a["kl"] else "CE"
     L += [
         "",
-        "Verdict: "
-        + (
-            f"on the behavior-alignment KL the {better} objective is better at equal steps."
-            if better
-            else "**not checked** (missing numbers)."
-        ),
+        "Verdict (the KL objective gives a lower behavior-alignment token KL at equal steps): "
+        + _verdict(stats.verdict(dd["ci"], "negative")),
         "",
     ]
     return L

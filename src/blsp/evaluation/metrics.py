@@ -91,6 +91,14 @@ def distinct_count(texts: Sequence[str], lang: str | None = "en") -> int:
 # ASR
 
 
+def _scoring_pair(ref: str, hyp: str | None, code: str) -> tuple[str, str]:
+    """Normalised reference and hypothesis; characters become the units of Chinese-like languages."""
+    rn, hn = normalize(ref, code), normalize(hyp or "", code)
+    if code in CHAR_LANGS:
+        rn, hn = " ".join(rn.replace(" ", "")), " ".join(hn.replace(" ", ""))
+    return rn, hn
+
+
 def error_rate(refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en") -> dict[str, Any]:
     """WER (or CER for Chinese-like languages) in percent after Whisper normalisation.
 
@@ -106,9 +114,7 @@ def error_rate(refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en"
     char = code in CHAR_LANGS
     r_norm, h_norm, skipped = [], [], 0
     for r, h in zip(refs, hyps, strict=True):
-        rn, hn = normalize(r, code), normalize(h or "", code)
-        if char:
-            rn, hn = " ".join(rn.replace(" ", "")), " ".join(hn.replace(" ", ""))
+        rn, hn = _scoring_pair(r, h, code)
         if not rn:
             skipped += 1
             continue
@@ -131,6 +137,25 @@ def error_rate(refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en"
         "hits": o.hits,
         "ref_units": ref_units,
     }
+
+
+def item_errors(
+    refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en"
+) -> list[tuple[int, int] | None]:
+    """Per item ``(errors, reference units)`` after the normalisation of :func:`error_rate` (None for
+    a reference that normalises to nothing); their sums give :func:`error_rate`'s corpus score."""
+    import jiwer
+
+    code = (lang or "en").split("-")[0].lower()
+    out: list[tuple[int, int] | None] = []
+    for r, h in zip(refs, hyps, strict=True):
+        rn, hn = _scoring_pair(r, h, code)
+        if not rn:
+            out.append(None)
+            continue
+        o = jiwer.process_words(rn, hn)
+        out.append((o.substitutions + o.deletions + o.insertions, o.hits + o.substitutions + o.deletions))
+    return out
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str], lang: str | None = "en") -> float | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from blsp.evaluation import metrics, scoring
+from blsp.evaluation import metrics, scoring, stats
 from blsp.evaluation.labels import LabelMapper
 from blsp.evaluation.systems import System
 from blsp.evaluation.tasks import GENERATION_KINDS, PRIMARY, Task
@@ -571,6 +571,26 @@ def run_eval(
     return results
 
 
+def paired_comparison(
+    out_dir: str | Path, results: dict[str, Any], task_key: str, a: str, b: str, metric: str
+) -> dict[str, Any]:
+    """``metric`` of system ``a`` minus system ``b`` on ``task_key``, on the items both answered,
+    from the per-utterance outputs of a ``blsp eval`` run: the difference, its paired 95 % bootstrap
+    interval and p-value (:func:`blsp.evaluation.stats.paired_difference`)."""
+    out_dir = Path(out_dir)
+    task = next((t for t in results.get("tasks", []) if t.get("key") == task_key), None)
+    ra = results.get("results", {}).get(a, {}).get(task_key, {})
+    rb = results.get("results", {}).get(b, {}).get(task_key, {})
+    if task is None or "outputs" not in ra or "outputs" not in rb or metric not in scoring.RATIO_METRICS:
+        return {"n": 0, "diff": None, "ci": None, "p": None}
+    pairs = []
+    for res in (ra, rb):
+        rows = [obj for _, obj, _ in iter_jsonl(out_dir / res["outputs"]) if obj]
+        scored = Task(task["name"], task["kind"], None, target_lang=task.get("target_lang", "en"))
+        pairs.append(scoring.item_pairs(scored, rows, metric))
+    return stats.paired_difference(pairs[0], pairs[1], scoring.RATIO_METRICS[metric])
+
+
 def _write(results: dict[str, Any], out_dir: Path) -> None:
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", results_to_markdown(results))
@@ -594,7 +614,12 @@ def _cell(key: str, res: dict[str, Any], digits: int) -> str:
         return f"{res[key]}/{res.get('n')}"
     if key == "uses_speech":
         return scoring.speech_verdict(res)
-    return _fmt(res.get(key), digits)
+    return _with_ci(_fmt(res.get(key), digits), res, key, digits)
+
+
+def _with_ci(cell: str, res: dict[str, Any], key: str, digits: int) -> str:
+    ci = (res.get("ci") or {}).get(key)
+    return f"{cell} {stats.fmt_ci(ci, digits)}" if ci is not None and res.get(key) is not None else cell
 
 
 def primary_cell(kind: str, res: dict[str, Any]) -> str:
@@ -604,7 +629,8 @@ def primary_cell(kind: str, res: dict[str, Any]) -> str:
     if res.get("status", "").startswith("n/a"):
         return "n/a"
     key = PRIMARY[kind][0]
-    cell = _fmt(res.get(key), 3 if kind == "content" else 1)
+    digits = 3 if kind == "content" else 1
+    cell = _with_ci(_fmt(res.get(key), digits), res, key, digits)
     if kind == "content" and res.get("uses_speech") is False:
         cell += " (does not use the speech)"
     if kind == "asr" and "asr_component" in res:

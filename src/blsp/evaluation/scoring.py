@@ -6,6 +6,9 @@ cascades, ``label``/``how`` for classification, ``text_response``/``kl_sum``/``k
 behavior alignment, ``verdict`` for QA, ``matched_sum``/``shuffled_sum``/``tokens`` for content). A
 failed row is scored as a wrong/empty answer and counted in ``failed``; it never stops scoring.
 
+Each metric carries a 95 % bootstrap interval over items in ``ci`` (:mod:`blsp.evaluation.stats`);
+:func:`item_pairs` gives the per-item terms that paired comparisons of two systems resample.
+
 Every generation task also counts its distinct answers (``distinct_answers``): a model that ignores
 its input gives the same few answers to every item, whatever the task's own metric says.
 """
@@ -16,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from blsp.evaluation import metrics
+from blsp.evaluation import metrics, stats
 from blsp.evaluation.tasks import GENERATION_KINDS, Task
 
 #: A content gap (shuffled - matched loss, nats per target token) below this: the model does not use the speech.
@@ -36,6 +39,68 @@ def _hyp(r: dict[str, Any]) -> str:
     return (r.get("response") or "") if r.get("ok") else ""
 
 
+def item_pairs(task: Task, rows: Sequence[dict[str, Any]], metric: str) -> dict[str, tuple[float, float]]:
+    """Per item id, the ``(numerator, denominator)`` whose sums over items give ``metric`` (before its
+    percent scale; see :data:`RATIO_METRICS`); items that do not count for the metric are left out."""
+    out: dict[str, tuple[float, float]] = {}
+    if metric in ("score", "wer", "cer"):
+        rows = [r for r in rows if r.get("reference")]
+        errs = metrics.item_errors([r["reference"] for r in rows], [_hyp(r) for r in rows], task.target_lang)
+        return {str(r["id"]): e for r, e in zip(rows, errs, strict=True) if e is not None}
+    for r in rows:
+        key = str(r.get("id"))
+        if metric == "accuracy" and r.get("reference") is not None:
+            out[key] = (
+                float(bool(r.get("ok")) and r.get("label") is not None and r.get("label") == r["reference"]),
+                1.0,
+            )
+        elif metric == "out_of_set_rate" and r.get("reference") is not None and r.get("ok"):
+            out[key] = (float(r.get("label") is None), 1.0)
+        elif metric == "accept_rate" and r.get("judged"):
+            out[key] = (float(r.get("verdict") is True), 1.0)
+        elif metric == "kl" and r.get("kl_tokens"):
+            out[key] = (float(r["kl_sum"]), float(r["kl_tokens"]))
+        elif metric in ("gap", "matched", "shuffled") and r.get("ok") and r.get("tokens"):
+            num = {
+                "gap": float(r["shuffled_sum"]) - float(r["matched_sum"]),
+                "matched": float(r["matched_sum"]),
+                "shuffled": float(r["shuffled_sum"]),
+            }[metric]
+            out[key] = (num, float(r["tokens"]))
+    return out
+
+
+#: Metrics that are ratios of per-item sums, and their scale (percent or not).
+RATIO_METRICS: dict[str, float] = {
+    "score": 100.0,
+    "wer": 100.0,
+    "cer": 100.0,
+    "accuracy": 100.0,
+    "out_of_set_rate": 100.0,
+    "accept_rate": 100.0,
+    "kl": 1.0,
+    "gap": 1.0,
+    "matched": 1.0,
+    "shuffled": 1.0,
+}
+
+
+def _ratio_cis(
+    task: Task, rows: Sequence[dict[str, Any]], names: Sequence[str]
+) -> dict[str, list[float] | None]:
+    return {m: stats.ratio_ci(list(item_pairs(task, rows, m).values()), RATIO_METRICS[m]) for m in names}
+
+
+def _text_cis(hyps: Sequence[str], refs: Sequence[str], lang: str | None) -> dict[str, list[float] | None]:
+    def on(fn: Any) -> Any:
+        return lambda idx: fn([hyps[i] for i in idx], [refs[i] for i in idx])
+
+    return {
+        "bleu": stats.corpus_ci(len(hyps), on(lambda h, r: metrics.bleu(h, r, lang))),
+        "chrf": stats.corpus_ci(len(hyps), on(metrics.chrf)),
+    }
+
+
 def score_asr(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out = _base(rows)
     rows = [r for r in rows if r.get("reference")]
@@ -44,6 +109,8 @@ def score_asr(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["metric"] = er["metric"]
     out["score"] = er["score"]
     out[er["metric"]] = er["score"]
+    ci = _ratio_cis(task, rows, ["score"])["score"]
+    out["ci"] = {"score": ci, er["metric"]: ci}
     out["details"] = {k: v for k, v in er.items() if k not in ("metric", "score")}
     with_tr = [r for r in rows if "transcript" in r]
     if with_tr:  # a cascade's standalone ASR component (the left number of paper Table 2)
@@ -62,6 +129,7 @@ def score_st(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["bleu"] = metrics.bleu(hyps, refs, task.target_lang)
     out["chrf"] = metrics.chrf(hyps, refs)
     out["bleu_tokenizer"] = metrics.bleu_tokenizer(task.target_lang)
+    out["ci"] = _text_cis(hyps, refs, task.target_lang)
     return out
 
 
@@ -76,6 +144,7 @@ def score_classify(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]
     out["accuracy"] = 100.0 * correct / len(rows) if rows else None
     out["out_of_set_rate"] = 100.0 * oos / len(answered) if answered else None
     out["mapped_by"] = dict(Counter(str(r.get("how")) for r in answered))
+    out["ci"] = _ratio_cis(task, rows, ["accuracy", "out_of_set_rate"])
     return out
 
 
@@ -89,6 +158,7 @@ def score_qa(task: Task, rows: Sequence[dict[str, Any]], judge_status: str | Non
     out["unjudged"] = out["n"] - len(judged)
     out["unparsed_verdicts"] = sum(1 for r in judged if r.get("verdict") is None)
     out["accept_rate"] = 100.0 * accepted / len(judged) if judged else None
+    out["ci"] = _ratio_cis(task, rows, ["accept_rate"])
     if judge_status:
         out["status"] = judge_status
     return out
@@ -111,6 +181,7 @@ def score_align(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     tokens = sum(int(r["kl_tokens"]) for r in kl_rows)
     out["kl"] = sum(float(r["kl_sum"]) for r in kl_rows) / tokens if tokens else None
     out["kl_tokens"] = tokens
+    out["ci"] = _text_cis(hyps, refs, "en") | _ratio_cis(task, rows, ["kl"])
     return out
 
 
@@ -126,6 +197,7 @@ def score_content(task: Task, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["shuffled"] = sum(float(r["shuffled_sum"]) for r in ok) / tokens if tokens else None
     out["gap"] = out["shuffled"] - out["matched"] if tokens else None
     out["uses_speech"] = None if out["gap"] is None else out["gap"] >= SPEECH_GAP_NATS
+    out["ci"] = _ratio_cis(task, rows, ["gap", "matched", "shuffled"])
     return out
 
 
