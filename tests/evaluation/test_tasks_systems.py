@@ -81,3 +81,47 @@ def test_judge_prompt_and_verdicts():
     assert make_judge("openai:gpt-4o-mini@http://127.0.0.1:9/v1").name.startswith("openai:gpt-4o-mini")
     with pytest.raises(BlspError):
         make_judge("openai:nomodel")
+
+
+def test_adapters_of_one_config_share_one_loaded_model_and_swap_in_their_weights(tiny_model, tmp_path):
+    import torch
+
+    from blsp.models.modeling_blsp import BlspModel
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_model.save_pretrained(a)
+    with torch.no_grad():
+        for p in tiny_model.adapter.parameters():
+            p.add_(torch.randn_like(p))
+    tiny_model.save_pretrained(b)
+    sa, sb, text = parse_system_specs([f"A=blsp:{a}", f"B=blsp:{b}", "text"])
+    assert sa.model_handle.shared is sb.model_handle.shared is not None
+    assert text.model_handle is sa.model_handle
+
+    def weights(m: BlspModel) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in m.trainable_state_dict().items()}
+
+    wa = weights(sa.model)
+    wb = weights(sb.model)
+    assert sb.model is sa.model, "one encoder and one LLM for both adapters"
+    alone = BlspModel.from_pretrained(b, device="cpu")
+    assert all(torch.equal(wb[k], v) for k, v in alone.trainable_state_dict().items())
+    assert not all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(v, wa[k]) for k, v in weights(sa.model).items()), "swapped back to A's weights"
+    # the model goes with the last handle that may use it
+    sb.model_handle.release()
+    assert sa.model_handle.shared.model is not None
+    sa.model_handle.release()
+    assert sa.model_handle.shared.model is None
+
+
+def test_an_adapter_of_another_config_is_refused_by_load_adapter(tiny_model, tiny_blsp_config, tmp_path):
+    from blsp.errors import ModelLoadError
+    from blsp.models.modeling_blsp import BlspModel
+
+    other = BlspModel.from_config(
+        type(tiny_blsp_config)(**{**tiny_blsp_config.to_dict(), "adapter_bottleneck_dim": 8}), device="cpu"
+    )
+    other.save_pretrained(tmp_path / "o")
+    with pytest.raises(ModelLoadError, match="another config"):
+        tiny_model.load_adapter(tmp_path / "o")

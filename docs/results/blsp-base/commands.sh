@@ -48,7 +48,8 @@ blsp train configs/blsp_default.yaml --set data.train.0.path=$W/train.jsonl \
   --set run.output_dir=$W/runs/blsp_default --set data.encoder_cache=$W/encoder_cache
 
 # 3b. More, more varied speech (the same sentences in 2 more voices each, and the 720 public-domain
-#     Harvard sentences in 2 voices: 13,984 clips) and a lower rate, from step 1,000 of 3a.
+#     Harvard sentences in 2 voices: 13,984 lines, of which 1,947 drew the same voice again and are
+#     skipped by the trainer as duplicate ids: 12,037 distinct clips) and a lower rate, from step 1,000 of 3a.
 blsp data synth src/blsp/resources/sentences/train.txt $W/synth2 --voices flite:kal flite:awb flite:rms \
   espeak:en-us espeak:en espeak:en+m3 espeak:en-us+f2 espeak:en-gb --voices-per-text 2 --workers 2 --seed 7
 blsp data synth $S/text/harvard/sentences.txt $W/synth_harvard --voices flite:kal flite:awb flite:rms \

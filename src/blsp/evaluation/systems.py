@@ -9,9 +9,10 @@
   ``transcribe(audios) -> list[str]``); its standalone ASR is scored too (paper Table 2).
 
 Every system builds one conversation per item (``make_conversation``) and generates with its
-:class:`ModelHandle`'s ``BlspModel``. Models load lazily and are shared between systems that
-hold the same handle (Text+LLM and the cascades need an LLM and its prompt builder only, so they
-can share the first BLSP system's model).
+:class:`ModelHandle`'s ``BlspModel``. Models load lazily and once: adapter folders trained for the
+same config share one :class:`SharedModel` (one encoder and one LLM in memory; each system swaps
+its adapter in, ``BlspModel.load_adapter``), and Text+LLM and the cascades, which need an LLM and
+its prompt builder only, use the first BLSP system's model.
 """
 
 from __future__ import annotations
@@ -33,16 +34,35 @@ class Transcriber(Protocol):
     def transcribe(self, audios: list[np.ndarray]) -> list[str]: ...
 
 
-class ModelHandle:
-    """A ``BlspModel`` loaded on first use from an adapter folder, a ``BlspConfig`` or given ready."""
+class SharedModel:
+    """One loaded ``BlspModel`` for several adapter folders of one config, and whose adapter is in it."""
 
-    def __init__(self, source: Any, device: str | None = None, dtype: Any = None) -> None:
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.current: ModelHandle | None = None
+        self.users: set[int] = set()  # ids of the handles that may still use it
+
+
+class ModelHandle:
+    """A ``BlspModel`` loaded on first use from an adapter folder, a ``BlspConfig`` or given ready.
+
+    With ``shared``, the encoder and LLM are those of every handle of the same :class:`SharedModel`:
+    the first use loads them, later ones swap this folder's adapter in (weights kept in memory).
+    """
+
+    def __init__(
+        self, source: Any, device: str | None = None, dtype: Any = None, shared: SharedModel | None = None
+    ) -> None:
         self.source = source
         self.device = device
         self.dtype = dtype
         self._model: Any = source if _is_model(source) else None
         self._owned = self._model is None
         self._error: Exception | None = None
+        self.shared = shared if isinstance(source, str | Path) else None
+        self._state: Any = None
+        if self.shared is not None:
+            self.shared.users.add(id(self))
 
     @property
     def label(self) -> str:
@@ -60,6 +80,8 @@ class ModelHandle:
 
     def get(self) -> Any:
         """The model, loaded on first call; a load that failed fails again at once (not reloaded per batch)."""
+        if self.shared is not None:
+            return self._get_shared(self.shared)
         if self._model is None:
             if self._error is not None:
                 raise self._error
@@ -77,8 +99,45 @@ class ModelHandle:
                 raise
         return self._model
 
+    def _get_shared(self, sh: SharedModel) -> Any:
+        if self._error is not None:
+            raise self._error
+        sh.users.add(id(self))
+        try:
+            if sh.model is None:
+                self._model = None  # loaded below with this folder's adapter
+                sh.model, sh.current = self._load_own(), self
+            elif sh.current is not self:
+                log.info("swapping in the adapter of %s (encoder and LLM already loaded)", self.source)
+                if self._state is None:
+                    sh.model.load_adapter(self.source)
+                    self._state = {k: v.detach().clone() for k, v in sh.model.trainable_state_dict().items()}
+                else:
+                    sh.model.load_adapter(self.source, state=self._state)
+                sh.current = self
+        except Exception as e:
+            self._error = e
+            raise
+        return sh.model
+
+    def _load_own(self) -> Any:
+        from blsp.models.modeling_blsp import BlspModel
+
+        log.info("loading BLSP model from %s", self.source)
+        return BlspModel.from_pretrained(self.source, device=self.device, dtype=self.dtype)
+
     def release(self) -> None:
-        """Drop a model this handle loaded itself (a model given ready is kept)."""
+        """Drop a model this handle loaded itself (a model given ready is kept); a shared model goes
+        when its last handle is released."""
+        if self.shared is not None:
+            self.shared.users.discard(id(self))
+            self._state = None
+            if not self.shared.users and self.shared.model is not None:
+                self.shared.model, self.shared.current = None, None
+                import gc
+
+                gc.collect()
+            return
         if self._owned and self._model is not None:
             self._model = None
             import gc
@@ -269,6 +328,17 @@ def ctc_transcriber(path: str | Path, device: str | None = None) -> Callable[[],
 # System specs for the command line
 
 
+def _config_key(path: str) -> str | None:
+    from blsp.models.configuration_blsp import BlspConfig
+    from blsp.models.hub import resolve_adapter
+    from blsp.models.modeling_blsp import config_key
+
+    try:
+        return config_key(BlspConfig.from_pretrained(str(resolve_adapter(path))))
+    except Exception:
+        return None
+
+
 def parse_system_specs(
     specs: Sequence[str],
     base: str | None = None,
@@ -302,11 +372,14 @@ def parse_system_specs(
         parsed.append((name, kind, arg))
 
     handles: dict[str, ModelHandle] = {}
+    shared: dict[str, SharedModel] = {}
 
     def handle_for(path: str) -> ModelHandle:
         key = str(Path(path).resolve())
         if key not in handles:
-            handles[key] = ModelHandle(path, device=device)
+            cfg = _config_key(path)  # None: unreadable; the load reports it when the system runs
+            sh = shared.setdefault(cfg, SharedModel()) if cfg is not None else None
+            handles[key] = ModelHandle(path, device=device, shared=sh)
         return handles[key]
 
     base_handle: ModelHandle | None = None

@@ -53,6 +53,25 @@ class BlspOutput:
     labels: torch.Tensor | None = None
 
 
+def _read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights.parent}: no {ADAPTER_WEIGHTS} in the folder{hint}")
+    try:
+        return load_file(str(weights))
+    except Exception as e:
+        raise ModelLoadError(f"{weights}: cannot read adapter weights ({e}){hint}") from e
+
+
+def config_key(config: Any) -> str:
+    """Everything of a ``BlspConfig`` that fixes the models and the adapter's shape: adapters with
+    the same key fit one loaded model (bookkeeping fields such as versions are left out)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    skip = {"transformers_version", "blsp_version", "architectures", "auto_map"}
+    return json.dumps(
+        {k: v for k, v in d.items() if not k.startswith("_") and k not in skip}, sort_keys=True, default=str
+    )
+
+
 class BlspModel(nn.Module):
     """A BLSP speech-language model. Build with ``from_config`` or ``from_pretrained``."""
 
@@ -157,12 +176,31 @@ class BlspModel(nn.Module):
         except Exception as e:
             raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}") from e
         model = cls.from_config(config, device=device, dtype=dtype, **overrides)
-        try:
-            state = load_file(str(weights))
-        except Exception as e:
-            raise ModelLoadError(f"{weights}: cannot read adapter weights ({e}){hint}") from e
-        model.load_trainable_state_dict(state, source=str(weights))
+        model.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
         return model
+
+    def load_adapter(
+        self, path: str | Path | None = None, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Swap in the adapter (and extra heads) of another folder trained for this same config: the
+        encoder and LLM stay loaded. ``state``: its weights already read (skips the file)."""
+        from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
+
+        path = resolve_adapter(path)
+        hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
+        if state is None:
+            try:
+                other = BlspConfig.from_pretrained(str(path))
+            except Exception as e:
+                raise ModelLoadError(
+                    f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}"
+                ) from e
+            if config_key(other) != config_key(self.config):
+                raise ModelLoadError(
+                    f"{path}: trained for another config than the loaded model; load it on its own"
+                )
+            state = _read_weights(path / ADAPTER_WEIGHTS, hint)
+        self.load_trainable_state_dict(state, source=str(path / ADAPTER_WEIGHTS))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that BLSP trains: the adapter and any extra heads."""
