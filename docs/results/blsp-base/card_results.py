@@ -1,7 +1,8 @@
 """The model card's results, read from a `blsp eval` results.json (stdout: a JSON object).
 
-Each of the issue's bars for the shipped adapter is a row with its measured value; the values are
-the evaluation's own numbers, nothing is typed in by hand.
+Each of the issue's bars for the shipped adapter is a row with its measured value and, where the
+evaluation gives one, its 95 % bootstrap interval over items; the values are the evaluation's own
+numbers, nothing is typed in by hand.
 
     python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval/results.json
 """
@@ -12,28 +13,34 @@ import json
 import sys
 
 
+def ci(res: dict, key: str) -> str:
+    lo_hi = (res.get("ci") or {}).get(key)
+    return f"{res[key]:.1f} [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else f"{res[key]:.1f}"
+
+
 def main(path: str) -> None:
     with open(path, encoding="utf-8") as f:
         r = json.load(f)["results"]
     b, text, casc = r["blsp-base"], r["Text+LLM"], r["Whisper+LLM"]
     out: dict[str, object] = {}
     for key in [k for k in b if k.startswith("asr@")]:
-        out[f"{key} WER through the LLM, blsp-base (%)"] = b[key]["wer"]
-        out[f"{key} WER, Whisper+LLM cascade (%)"] = casc[key]["wer"]
+        out[f"{key} WER through the LLM, blsp-base (%)"] = ci(b[key], "wer")
+        out[f"{key} WER, Whisper+LLM cascade (%)"] = ci(casc[key], "wer")
         out[f"{key} WER ratio blsp-base / cascade (bar: <= 2)"] = b[key]["wer"] / casc[key]["wer"]
         out[f"{key} distinct answers"] = f"{b[key]['distinct_answers']}/{b[key]['n']}"
     for key in [k for k in b if k.startswith("content@")]:
         out[f"{key} matched / shuffled loss (nats/token)"] = (
             f"{b[key]['matched']:.3f} / {b[key]['shuffled']:.3f}"
         )
-        out[f"{key} gap (bar: >= 1.0 nats)"] = b[key]["gap"]
+        lo, hi = b[key]["ci"]["gap"]
+        out[f"{key} gap (bar: >= 1.0 nats)"] = f"{b[key]['gap']:.2f} [{lo:.2f}, {hi:.2f}]"
     for key in [k for k in b if k.startswith("align@")]:
-        out[f"{key} continuation chrF, speech vs transcript answers (bar: >= 35)"] = b[key]["chrf"]
+        out[f"{key} continuation chrF, speech vs transcript answers (bar: >= 35)"] = ci(b[key], "chrf")
     for key in [k for k in b if k.startswith(("intent@", "sentiment@"))]:
-        out[f"{key} off-format rate, blsp-base (%)"] = b[key]["out_of_set_rate"]
-        out[f"{key} off-format rate, Text+LLM (%) (bar: blsp-base <= this + 15)"] = text[key][
-            "out_of_set_rate"
-        ]
+        out[f"{key} off-format rate, blsp-base (%)"] = ci(b[key], "out_of_set_rate")
+        out[f"{key} off-format rate, Text+LLM (%) (bar: blsp-base <= this + 15)"] = ci(
+            text[key], "out_of_set_rate"
+        )
         out[f"{key} accuracy, blsp-base / Text+LLM (%)"] = (
             f"{b[key]['accuracy']:.1f} / {text[key]['accuracy']:.1f}"
         )

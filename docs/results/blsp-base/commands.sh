@@ -85,3 +85,33 @@ blsp eval -s blsp-base=blsp:$W/blsp-base -s whisper -s text \
 python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval/results.json > $W/card_results.json
 blsp export $W/runs/blsp_default_2 src/blsp/resources/pretrained/blsp-base --results $W/card_results.json \
   --command "docs/results/blsp-base/commands.sh, step 3b (the shipped-weights line)"
+
+# 5. Tried, not shipped (docs/RECIPES.md): a continuation stage from the shipped weights. Step 1 once
+#    per distinct transcript (greedy: every clip of a transcript gets the same response), joined to
+#    all its clips, then continuation : repetition = 1 : 1 for 1,000 steps of 8.
+python - <<PY
+import json, random
+rows = [json.loads(x) for x in open("$W/train2.jsonl")]
+texts = list(dict.fromkeys(r["text"] for r in rows)); random.Random(0).shuffle(texts)
+with open("$W/uniq_texts.jsonl", "w") as f:
+    for i, t in enumerate(texts): f.write(json.dumps({"id": f"t{i:05d}", "text": t}) + "\n")
+PY
+blsp behave $W/uniq_texts.jsonl $W/cont.jsonl --behavior continuation
+python - <<PY
+import json
+cont = {json.loads(x)["text"]: json.loads(x) for x in open("$W/cont.jsonl")}
+with open("$W/cont_clips.jsonl", "w") as f:
+    for line in open("$W/train2.jsonl"):
+        r = json.loads(line); c = cont.get(r["text"])
+        if c: r.update(behavior=c["behavior"], instruction=c["instruction"], response=c["response"]); f.write(json.dumps(r) + "\n")
+PY
+blsp train configs/blsp_default.yaml \
+  --set "data.train=[{path: $W/cont_clips.jsonl, task: behavior, weight: 1}, {path: $W/train2.jsonl, task: repetition, weight: 1}]" \
+  --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_mix --set data.encoder_cache=$W/encoder_cache \
+  --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=1500 \
+  --set model.init_from=src/blsp/resources/pretrained/blsp-base     # stopped at step 1,000
+blsp export $W/runs/blsp_mix/checkpoints/step-00001000 $W/blsp-mix
+blsp eval -s blsp-base=blsp:$W/blsp-base -s blsp-mix=blsp:$W/blsp-mix -s whisper -s text \
+  -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
+  -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
+  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu
