@@ -24,11 +24,13 @@ def evaluate(
     judge: str | Any = None,
     judge_api_key: str | None = None,
     retry_failed: bool = False,
+    share_models: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``systems`` (``[NAME=]KIND[:ARG]`` specs, see
     :func:`blsp.evaluation.systems.parse_system_specs`) on ``tasks`` (``NAME[@TESTSET]`` specs, see
     :mod:`blsp.evaluation.tasks`); writes ``results.json``, ``results.md`` and per-utterance outputs
     in ``out_dir`` and returns the results dict. ``judge`` is a judge spec or object (QA only).
+    ``share_models=False`` loads the encoder and LLM again for every adapter folder (benchmarks).
     """
     from blsp.evaluation.judge import make_judge
     from blsp.evaluation.runner import run_eval
@@ -36,7 +38,9 @@ def evaluate(
     from blsp.evaluation.testsets import make_tasks
 
     task_objs = make_tasks(tasks, root=testsets, shared=shared_data, limit=limit)
-    system_objs = parse_system_specs(systems, base=base, encoder=encoder, llm=llm, device=device)
+    system_objs = parse_system_specs(
+        systems, base=base, encoder=encoder, llm=llm, device=device, share_models=share_models
+    )
     judge_obj = make_judge(judge, api_key=judge_api_key) if isinstance(judge, str) or judge is None else judge
     return run_eval(
         system_objs,

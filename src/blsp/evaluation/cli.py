@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--retry-failed", action="store_true", help="run again the utterances that failed in an earlier run"
     )
+    p.add_argument(
+        "--no-shared-models",
+        dest="share_models",
+        action="store_false",
+        help="load the encoder and LLM again for every adapter folder (as before; for benchmarks)",
+    )
     _data_args(p)
     _gen_args(p)
     p.set_defaults(func=_run, eval_command=None)
@@ -159,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         judge=_judge(args),
         retry_failed=args.retry_failed,
+        share_models=args.share_models,
     )
     md = results_to_markdown(results)
     print(md.split("\n## ", 1)[0].rstrip())

@@ -345,6 +345,7 @@ def parse_system_specs(
     encoder: str | None = None,
     llm: str | None = None,
     device: str | None = None,
+    share_models: bool = True,
 ) -> list[System]:
     """Systems from ``[NAME=]KIND[:ARG]`` specs.
 
@@ -352,6 +353,7 @@ def parse_system_specs(
     ``whisper[:REF]`` (Whisper+LLM, default whisper-base), ``ctc:DIR`` (CTC+LLM). The text path of
     ``text``/``whisper``/``ctc`` uses ``base`` (an adapter folder), else the first ``blsp`` folder,
     else a model built from ``encoder``/``llm`` (the adapter does not matter on the text path).
+    Adapter folders of one config share one loaded encoder and LLM unless ``share_models`` is False.
     """
     parsed: list[tuple[str | None, str, str]] = []
     for spec in specs:
@@ -377,7 +379,7 @@ def parse_system_specs(
     def handle_for(path: str) -> ModelHandle:
         key = str(Path(path).resolve())
         if key not in handles:
-            cfg = _config_key(path)  # None: unreadable; the load reports it when the system runs
+            cfg = _config_key(path) if share_models else None  # None: unreadable; its load says why
             sh = shared.setdefault(cfg, SharedModel()) if cfg is not None else None
             handles[key] = ModelHandle(path, device=device, shared=sh)
         return handles[key]
