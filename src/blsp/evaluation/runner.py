@@ -327,6 +327,8 @@ def _align(system: System, task: Task, items, convs, rows, max_new_tokens: int) 
         row["text_response"] = None if isinstance(tr, Exception) else tr
         if row["ok"] and not isinstance(tr, Exception):
             pairs.append(k)
+    if not getattr(model, "supports_logits", True):  # a served model: chrF only
+        return
     for s in range(0, len(pairs), 4):  # logits are [2B, L, V]: keep B small
         chunk = pairs[s : s + 4]
         try:
