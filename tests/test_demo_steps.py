@@ -31,3 +31,13 @@ def test_every_paper_recipe_starts_from_the_demos_warm_start_and_one_from_scratc
     strip = {warm, "model.init_from=null"}
     blsp = [a for a in steps["train_blsp"].argv if a not in strip and "runs/blsp" not in a]
     assert blsp == [a for a in scratch.argv if a not in strip and "runs/blsp" not in a]
+
+
+def test_an_evaluation_setting_changes_the_evaluation_command_only(tmp_path):
+    p = dict(demo.PRESETS["default"])
+    before = {s.name: s.argv for s in demo.build_steps(tmp_path, p)}
+    after = {s.name: s.argv for s in demo.build_steps(tmp_path, {**p, "eval_items": p["eval_items"] * 2})}
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {"testsets", "eval"} and changed <= demo.EVAL_STEPS
+    # ... and the settings the other steps' done-markers are keyed by leave it out: training is kept
+    assert "eval_items" in demo.EVAL_PARAMS
