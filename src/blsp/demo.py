@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Presets as data. ``quick`` takes ~13 min on 2 idle cores, ``default`` ~45 min (measured); ``tiny``
+#: Presets as data. ``quick`` takes ~13 min on 2 idle cores, ``default`` ~38 min (measured); ``tiny``
 #: makes every step minimal (tests).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -1091,7 +1091,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="the short preset, ~13 min on 2 cores (default: the full one, ~49 min)",
+        help="the short preset, ~13 min on 2 cores (default: the full one, ~40 min)",
     )
     p.add_argument("--preset", choices=list(PRESETS), help=argparse.SUPPRESS)
     p.add_argument("--out", "-o", default="runs/demo", help="output folder (default runs/demo)")
