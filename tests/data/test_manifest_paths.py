@@ -19,3 +19,16 @@ def test_relative_manifest_dir_resolves_to_an_absolute_path(tmp_path, monkeypatc
     monkeypatch.chdir(Path(os.sep))
     assert Path(moved).is_absolute() or (tmp_path / "b" / moved).resolve() == tmp_path / "a" / "x.wav"
     assert Path(resolve_audio_path(moved, tmp_path / "b")).resolve() == tmp_path / "a" / "x.wav"
+
+
+def test_json_writes_are_valid_json_even_with_nan(tmp_path):
+    import json
+    import math
+
+    from blsp.utils.io import atomic_write_json
+
+    path = tmp_path / "summary.json"
+    atomic_write_json(path, {"final_loss": math.nan, "inf": [math.inf, 1.5], "n": 3})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"final_loss": None, "inf": [None, 1.5], "n": 3}
