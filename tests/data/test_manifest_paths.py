@@ -32,3 +32,37 @@ def test_json_writes_are_valid_json_even_with_nan(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"final_loss": None, "inf": [None, 1.5], "n": 3}
+
+
+def test_a_second_writer_of_the_same_output_is_refused_and_the_first_loses_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from blsp.utils.io import JsonlAppender, OutputLocked
+
+    out = tmp_path / "responses.jsonl"
+    code = (
+        "import sys\n"
+        "from blsp.utils.io import JsonlAppender\n"
+        f"w = JsonlAppender({str(out)!r})\n"
+        "w.append([{'id': 'a'}])\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "w.append([{'id': 'b'}])\n"
+        "w.close()\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        with pytest.raises(OutputLocked, match="another process is writing it"):
+            JsonlAppender(out)
+        first.communicate("go\n", timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0
+    with JsonlAppender(out) as again:  # the first writer is gone: its lock went with it
+        assert again.done == {"a", "b"}

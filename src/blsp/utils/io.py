@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from blsp.errors import BlspError
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
@@ -77,8 +79,35 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
             yield lineno, (obj if isinstance(obj, dict) else None), raw
 
 
+class OutputLocked(BlspError):
+    """Another process is writing the same output file."""
+
+
+def _lock_output(path: Path) -> int:
+    """An exclusive, non-blocking lock for writing ``path``; returns the lock file's descriptor."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: one writer is the user's to ensure
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputLocked(
+            f"{path}: another process is writing it (lock {lock_path}); wait for it to finish, "
+            "or write to another file"
+        ) from None
+    return fd
+
+
 class JsonlAppender:
     """Append-only JSON Lines output that survives SIGKILL and resumes by id.
+
+    One writer at a time: a second process that opens the same file is refused with
+    :class:`OutputLocked` (an exclusive ``flock`` on ``.<name>.lock`` beside it, released when
+    the writer closes or dies), instead of both appending and losing lines.
 
     Example::
 
@@ -93,8 +122,14 @@ class JsonlAppender:
         self.id_key = id_key
         self.done: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_and_scan()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
+        self._lock = _lock_output(self.path)
+        try:
+            self._repair_and_scan()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            os.close(self._lock)
+            raise
 
     def _repair_and_scan(self) -> None:
         if not self.path.exists():
@@ -141,6 +176,9 @@ class JsonlAppender:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._lock >= 0:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = -1
 
     def __enter__(self) -> JsonlAppender:
         return self
