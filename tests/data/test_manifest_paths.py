@@ -66,3 +66,23 @@ def test_a_second_writer_of_the_same_output_is_refused_and_the_first_loses_nothi
     assert first.returncode == 0
     with JsonlAppender(out) as again:  # the first writer is gone: its lock went with it
         assert again.done == {"a", "b"}
+
+
+def test_lines_that_are_not_utf8_or_hold_a_lone_surrogate_are_skipped_and_named(tmp_path):
+    from blsp.behaviors.generate import read_manifest as behave_manifest
+    from blsp.data.manifest import read_manifest
+
+    path = tmp_path / "m.jsonl"
+    good = '{"id": "a", "audio": "a.wav", "text": "fine"}\n'
+    latin1 = '{"id": "b", "audio": "b.wav", "text": "caf\xe9"}\n'.encode("latin-1")
+    surrogate = '{"id": "c", "audio": "c.wav", "text": "x\\ud800y"}\n'
+    path.write_bytes(good.encode() + latin1 + surrogate.encode() + good.replace('"a"', '"d"').encode())
+    items, errors = read_manifest(path)
+    assert [i["id"] for i in items] == ["a", "d"]
+    assert [(e.lineno, e.message) for e in errors] == [
+        (2, "not UTF-8"),
+        (3, "a string holds a lone surrogate (not encodable as UTF-8)"),
+    ]
+    m = behave_manifest(path)
+    assert [it.id for it in m.items] == ["a", "d"] and m.skipped["bad_line"] == 2
+    assert any(p.endswith(":2: not UTF-8") for p in m.problems)

@@ -34,7 +34,7 @@ from blsp.behaviors.backends import Backend, Completion, GenerationSettings
 from blsp.behaviors.filters import EMPTY_TRANSCRIPT, TOO_LONG, judge
 from blsp.errors import BlspError, ConfigError
 from blsp.instructions import CONTINUATION, REPETITION
-from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
+from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl, line_defect
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def read_manifest(path: str | Path, text_field: str = "text", out_dir: str | Pat
         ordinal = m.lines
         m.lines += 1
         if obj is None:
-            skip("bad_line", lineno, "not a JSON object")
+            skip("bad_line", lineno, line_defect(_raw))
             continue
         key = obj.get("id")
         if key is None or (isinstance(key, str) and not key.strip()):

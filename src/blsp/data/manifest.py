@@ -25,7 +25,7 @@ from typing import Any
 
 from blsp.data.audio import format_audio_ref, parse_audio_ref
 from blsp.errors import BlspError
-from blsp.utils.io import iter_jsonl, write_jsonl
+from blsp.utils.io import iter_jsonl, line_defect, write_jsonl
 
 REQUIRED_FIELDS = ("id", "audio")
 
@@ -76,7 +76,7 @@ def iter_manifest(
     seen: dict[str, int] = {}
     for lineno, obj, raw in iter_jsonl(path):
         if obj is None:
-            yield lineno, None, raw, "malformed JSON (not one JSON object)"
+            yield lineno, None, raw, line_defect(raw)
             continue
         err = validate_item(obj)
         if err is None:

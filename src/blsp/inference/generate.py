@@ -470,7 +470,7 @@ def run_generate_job(
     the input row plus ``instruction`` and ``response``. Ids already in ``out_path`` are skipped
     (rerun to resume); unreadable lines and audio are skipped, logged with the reason, counted.
     """
-    from blsp.utils.io import JsonlAppender, iter_jsonl
+    from blsp.utils.io import JsonlAppender, iter_jsonl, line_defect
 
     params = params or GenerationParams()
     manifest = Path(manifest)
@@ -490,7 +490,7 @@ def run_generate_job(
             stats.total += 1
             where = f"{manifest}:{lineno}"
             if obj is None:
-                skip(f"{where}: not a JSON object")
+                skip(f"{where}: {line_defect(_raw)}")
                 continue
             if "id" not in obj:
                 skip(f"{where}: no 'id' field")

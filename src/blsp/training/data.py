@@ -177,7 +177,7 @@ def load_source(
     src: SourceConfig, index: int, data_cfg: DataConfig, seed: int, needs_transcript: bool = False
 ) -> list[Example]:
     """Examples of one manifest; bad lines are skipped and counted, zero usable lines is an error."""
-    from blsp.utils.io import iter_jsonl
+    from blsp.utils.io import iter_jsonl, line_defect
 
     path = Path(src.path)
     if not path.is_file():
@@ -191,7 +191,7 @@ def load_source(
         reason = None
         ex = None
         if obj is None:
-            reason = "malformed JSON (not one JSON object)"
+            reason = line_defect(_raw)
         else:
             ex, reason = example_from_item(obj, src, index, manifest_dir, seed)
         if ex is not None:

@@ -9,6 +9,7 @@ skips them and never duplicates a line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from blsp.errors import BlspError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -66,9 +69,20 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """Yield ``(line_number, object or None if malformed, raw_line)`` for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    """Yield ``(line_number, object or None if malformed, raw_line)`` for each non-blank line.
+
+    A line that is not UTF-8, or whose strings hold a lone surrogate (``"\\ud800"``, which no
+    later write can encode), is malformed too: it is logged as ``file:line`` with the reason and
+    yielded as None, so every reader skips and counts it instead of crashing on it.
+    """
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                log.warning("%s:%d: not UTF-8 (byte %d); skipped", path, lineno, e.start)
+                yield lineno, None, data.decode("utf-8", "replace")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -76,7 +90,33 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
             except json.JSONDecodeError:
                 yield lineno, None, raw
                 continue
+            if "\\ud" in raw.lower() and not _encodable(obj):
+                log.warning("%s:%d: a string holds a lone surrogate; skipped", path, lineno)
+                yield lineno, None, raw
+                continue
             yield lineno, (obj if isinstance(obj, dict) else None), raw
+
+
+def line_defect(raw: str) -> str:
+    """Why :func:`iter_jsonl` yielded None for ``raw``: not UTF-8, a lone surrogate, or not one
+    JSON object."""
+    if "\ufffd" in raw:
+        return "not UTF-8"
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return "malformed JSON (not one JSON object)"
+    if not _encodable(obj):
+        return "a string holds a lone surrogate (not encodable as UTF-8)"
+    return "malformed JSON (not one JSON object)"
+
+
+def _encodable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class OutputLocked(BlspError):
@@ -142,8 +182,8 @@ class JsonlAppender:
         for line in data[:keep].splitlines(keepends=True):
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # drop a corrupt line; its id is redone
+            except ValueError:  # not JSON, or not UTF-8: drop the corrupt line; its id is redone
+                continue
             key = str(obj.get(self.id_key)) if isinstance(obj, dict) else None
             if key is None or key in self.done:
                 continue
