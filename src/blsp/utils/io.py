@@ -68,12 +68,25 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     return len(lines)
 
 
+class MalformedLine(str):
+    """The text of a line that :func:`iter_jsonl` could not use, with ``reason`` saying why."""
+
+    reason = "malformed JSON (not one JSON object)"
+
+    def __new__(cls, text: str, reason: str | None = None) -> MalformedLine:
+        line = super().__new__(cls, text)
+        if reason is not None:
+            line.reason = reason
+        return line
+
+
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     """Yield ``(line_number, object or None if malformed, raw_line)`` for each non-blank line.
 
     A line that is not UTF-8, or whose strings hold a lone surrogate (``"\\ud800"``, which no
-    later write can encode), is malformed too: it is logged as ``file:line`` with the reason and
-    yielded as None, so every reader skips and counts it instead of crashing on it.
+    later write can encode), is malformed too. For a malformed line ``raw_line`` is a
+    :class:`MalformedLine` (see :func:`line_defect`), and the reason is logged as ``file:line``, so
+    every reader skips and counts it instead of crashing on it.
     """
     with open(path, "rb") as f:
         for lineno, data in enumerate(f, start=1):
@@ -81,34 +94,33 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
                 raw = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 log.warning("%s:%d: not UTF-8 (byte %d); skipped", path, lineno, e.start)
-                yield lineno, None, data.decode("utf-8", "replace")
+                yield lineno, None, MalformedLine(data.decode("utf-8", "replace"), "not UTF-8")
                 continue
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError:
-                yield lineno, None, raw
+                yield lineno, None, MalformedLine(raw)
                 continue
             if "\\ud" in raw.lower() and not _encodable(obj):
                 log.warning("%s:%d: a string holds a lone surrogate; skipped", path, lineno)
-                yield lineno, None, raw
+                yield (
+                    lineno,
+                    None,
+                    MalformedLine(raw, "a string holds a lone surrogate (not encodable as UTF-8)"),
+                )
                 continue
-            yield lineno, (obj if isinstance(obj, dict) else None), raw
+            if not isinstance(obj, dict):
+                yield lineno, None, MalformedLine(raw)
+                continue
+            yield lineno, obj, raw
 
 
 def line_defect(raw: str) -> str:
     """Why :func:`iter_jsonl` yielded None for ``raw``: not UTF-8, a lone surrogate, or not one
     JSON object."""
-    if "\ufffd" in raw:
-        return "not UTF-8"
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return "malformed JSON (not one JSON object)"
-    if not _encodable(obj):
-        return "a string holds a lone surrogate (not encodable as UTF-8)"
-    return "malformed JSON (not one JSON object)"
+    return raw.reason if isinstance(raw, MalformedLine) else MalformedLine.reason
 
 
 def _encodable(obj: Any) -> bool:
