@@ -576,9 +576,7 @@ def _fci(res: dict[str, Any], metric: str, d: int = 2) -> str:
     """A metric and its 95 % interval (when the result has one)."""
     from blsp.evaluation import stats
 
-    ci = (res.get("ci") or {}).get(metric)
-    cell = _f(res.get(metric), d)
-    return f"{cell} {stats.fmt_ci(ci, d)}" if ci is not None and res.get(metric) is not None else cell
+    return stats.with_ci(_f(res.get(metric), d), res, metric, d)
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -843,7 +841,7 @@ def _speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
         if not r:
             continue
         status = str(r.get("status", ""))
-        verdict = status if status.startswith(("error", "n/a")) or not r else speech_verdict(r)
+        verdict = status if status.startswith(("error", "n/a")) else speech_verdict(r)
         distinct = [
             f"{k.split('@')[0]} {d}/{_res(results, n, k).get('n')}"
             for k in gen
@@ -869,8 +867,7 @@ def _speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
         return None if ci is None else stats.verdict([ci[0] - USES_SPEECH_NATS, ci[1] - USES_SPEECH_NATS])
 
     def gap(n: str) -> str:
-        r = _res(results, n, keys["content"])
-        return f"{_f(r.get('gap'), 2)} {stats.fmt_ci((r.get('ci') or {}).get('gap'), 2)}".strip()
+        return _fci(_res(results, n, keys["content"]), "gap", 2)
 
     L += [
         f"Do the adapters this run trained from its own warm start use the speech (gap above {USES_SPEECH_NATS} "
@@ -1018,10 +1015,14 @@ def _findings(
         from blsp.evaluation.analysis import item_cosines
 
         ca, cb = item_cosines(npz["asr_pretrain"]), item_cosines(npz["blsp"])
-        ones = {k: {i: (v, 1.0) for i, v in c.items()} for k, c in (("a", ca["paired"]), ("b", cb["paired"]))}
-        dp = stats.paired_difference(ones["b"], ones["a"])
-        ones = {k: {i: (v, 1.0) for i, v in c.items()} for k, c in (("a", ca["cross"]), ("b", cb["cross"]))}
-        dx = stats.paired_difference(ones["b"], ones["a"])
+
+        def blsp_minus_asr(table: str) -> dict[str, Any]:  # per-item values: means, so denominators 1
+            def means(c: dict[str, float]) -> dict[str, tuple[float, float]]:
+                return {i: (v, 1.0) for i, v in c.items()}
+
+            return stats.paired_difference(means(cb[table]), means(ca[table]))
+
+        dp, dx = blsp_minus_asr("paired"), blsp_minus_asr("cross")
         vb1, vb2 = stats.verdict(dp["ci"], "positive"), stats.verdict(dx["ci"], "negative")
         L.append(
             "- paired speech/transcript cosine (mean over the instructions), BLSP − ASR pretraining: "

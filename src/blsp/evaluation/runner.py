@@ -585,10 +585,10 @@ def paired_comparison(
     rb = results.get("results", {}).get(b, {}).get(task_key, {})
     if task is None or "outputs" not in ra or "outputs" not in rb or metric not in scoring.RATIO_METRICS:
         return {"n": 0, "diff": None, "ci": None, "p": None}
+    scored = Task(task["name"], task["kind"], None, target_lang=task.get("target_lang", "en"))
     pairs = []
     for res in (ra, rb):
         rows = [obj for _, obj, _ in iter_jsonl(out_dir / res["outputs"]) if obj]
-        scored = Task(task["name"], task["kind"], None, target_lang=task.get("target_lang", "en"))
         pairs.append(scoring.item_pairs(scored, rows, metric))
     return stats.paired_difference(pairs[0], pairs[1], scoring.RATIO_METRICS[metric])
 
@@ -616,12 +616,7 @@ def _cell(key: str, res: dict[str, Any], digits: int) -> str:
         return f"{res[key]}/{res.get('n')}"
     if key == "uses_speech":
         return scoring.speech_verdict(res)
-    return _with_ci(_fmt(res.get(key), digits), res, key, digits)
-
-
-def _with_ci(cell: str, res: dict[str, Any], key: str, digits: int) -> str:
-    ci = (res.get("ci") or {}).get(key)
-    return f"{cell} {stats.fmt_ci(ci, digits)}" if ci is not None and res.get(key) is not None else cell
+    return stats.with_ci(_fmt(res.get(key), digits), res, key, digits)
 
 
 def primary_cell(kind: str, res: dict[str, Any]) -> str:
@@ -632,7 +627,7 @@ def primary_cell(kind: str, res: dict[str, Any]) -> str:
         return "n/a"
     key = PRIMARY[kind][0]
     digits = 3 if kind == "content" else 1
-    cell = _with_ci(_fmt(res.get(key), digits), res, key, digits)
+    cell = stats.with_ci(_fmt(res.get(key), digits), res, key, digits)
     if kind == "content" and res.get("uses_speech") is False:
         cell += " (does not use the speech)"
     if kind == "asr" and "asr_component" in res:

@@ -105,3 +105,9 @@ def verdict(ci: Sequence[float] | None, claim: str = "positive") -> str | None:
 def fmt_ci(ci: Sequence[float] | None, digits: int = 1) -> str:
     """``[lo, hi]`` with ``digits`` decimals, or an empty string without an interval."""
     return "" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def with_ci(text: str, res: Mapping[str, Any], key: str, digits: int = 1) -> str:
+    """``text`` (the formatted ``res[key]``) followed by its interval from ``res["ci"]``, if any."""
+    ci = (res.get("ci") or {}).get(key)
+    return f"{text} {fmt_ci(ci, digits)}" if ci is not None and res.get(key) is not None else text

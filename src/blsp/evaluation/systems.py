@@ -50,7 +50,7 @@ class ModelHandle:
     """A ``BlspModel`` loaded on first use from an adapter folder, a ``BlspConfig`` or given ready.
 
     With ``shared``, the encoder and LLM are those of every handle of the same :class:`SharedModel`:
-    the first use loads them, later ones swap this folder's adapter in (weights kept in memory).
+    the first use loads them, later ones swap this folder's adapter in from its file.
     """
 
     def __init__(
@@ -63,7 +63,6 @@ class ModelHandle:
         self._owned = self._model is None
         self._error: Exception | None = None
         self.shared = shared if isinstance(source, str | Path) else None
-        self._state: Any = None
         if self.shared is not None:
             self.shared.users.add(id(self))
 
@@ -79,7 +78,7 @@ class ModelHandle:
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return (self.shared.model if self.shared is not None else self._model) is not None
 
     def get(self) -> Any:
         """The model, loaded on first call; a load that failed fails again at once (not reloaded per batch)."""
@@ -108,15 +107,10 @@ class ModelHandle:
         sh.users.add(id(self))
         try:
             if sh.model is None:
-                self._model = None  # loaded below with this folder's adapter
                 sh.model, sh.current = self._load_own(), self
             elif sh.current is not self:
                 log.info("swapping in the adapter of %s (encoder and LLM already loaded)", self.source)
-                if self._state is None:
-                    sh.model.load_adapter(self.source)
-                    self._state = {k: v.detach().clone() for k, v in sh.model.trainable_state_dict().items()}
-                else:
-                    sh.model.load_adapter(self.source, state=self._state)
+                sh.model.load_adapter(self.source)
                 sh.current = self
         except Exception as e:
             self._error = e
@@ -134,7 +128,6 @@ class ModelHandle:
         when its last handle is released."""
         if self.shared is not None:
             self.shared.users.discard(id(self))
-            self._state = None
             if not self.shared.users and self.shared.model is not None:
                 self.shared.model, self.shared.current = None, None
                 import gc

@@ -53,9 +53,24 @@ class BlspOutput:
     labels: torch.Tensor | None = None
 
 
+def _open_adapter_folder(ref: str | Path | None) -> tuple[Path, BlspConfig, str]:
+    """The folder of an adapter reference, its config, and the reinstall hint of a shipped one."""
+    from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
+
+    path = resolve_adapter(ref)
+    hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a BLSP model folder (no config.json)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise ModelLoadError(f"{path}: no {ADAPTER_WEIGHTS} in the folder")
+    try:
+        config = BlspConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}") from e
+    return path, config, hint
+
+
 def _read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights.parent}: no {ADAPTER_WEIGHTS} in the folder{hint}")
     try:
         return load_file(str(weights))
     except Exception as e:
@@ -162,45 +177,22 @@ class BlspModel(nn.Module):
 
         ``path``: a folder, the name of a shipped adapter (``blsp-base``), or None for the shipped default.
         """
-        from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
-
-        path = resolve_adapter(path)
-        hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path}: not a BLSP model folder (no config.json)")
+        path, config, hint = _open_adapter_folder(path)
         weights = path / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise ModelLoadError(f"{path}: no {ADAPTER_WEIGHTS} in the folder")
-        try:
-            config = BlspConfig.from_pretrained(str(path))
-        except Exception as e:
-            raise ModelLoadError(f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}") from e
         model = cls.from_config(config, device=device, dtype=dtype, **overrides)
         model.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
         return model
 
-    def load_adapter(
-        self, path: str | Path | None = None, state: dict[str, torch.Tensor] | None = None
-    ) -> None:
+    def load_adapter(self, path: str | Path | None = None) -> None:
         """Swap in the adapter (and extra heads) of another folder trained for this same config: the
-        encoder and LLM stay loaded. ``state``: its weights already read (skips the file)."""
-        from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
-
-        path = resolve_adapter(path)
-        hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
-        if state is None:
-            try:
-                other = BlspConfig.from_pretrained(str(path))
-            except Exception as e:
-                raise ModelLoadError(
-                    f"{path / 'config.json'}: cannot read the BLSP config ({e}){hint}"
-                ) from e
-            if config_key(other) != config_key(self.config):
-                raise ModelLoadError(
-                    f"{path}: trained for another config than the loaded model; load it on its own"
-                )
-            state = _read_weights(path / ADAPTER_WEIGHTS, hint)
-        self.load_trainable_state_dict(state, source=str(path / ADAPTER_WEIGHTS))
+        encoder and LLM stay loaded."""
+        path, config, hint = _open_adapter_folder(path)
+        if config_key(config) != config_key(self.config):
+            raise ModelLoadError(
+                f"{path}: trained for another config than the loaded model; load it on its own"
+            )
+        weights = path / ADAPTER_WEIGHTS
+        self.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that BLSP trains: the adapter and any extra heads."""
