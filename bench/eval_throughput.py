@@ -24,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from blsp import demo  # noqa: E402
+from blsp import demo
 
 
 def systems(adapters: dict[str, Path]) -> list[str]:
