@@ -22,6 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from blsp.models.modeling_blsp import BlspModel
 
 
+def _install_transformers_hooks() -> None:
+    from blsp.models.auto import install
+
+    install()
+
+
+_install_transformers_hooks()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

@@ -58,7 +58,21 @@ def task_instruction(name: str) -> str:
 
 
 @cache
+def behavior_instructions() -> tuple[str, ...]:
+    """The general instructions of diverse-instruction behaviors (``resources/behavior_instructions.txt``).
+
+    None is an evaluation task's instruction, so transcription, translation, intent and sentiment
+    stay zero-shot for an adapter trained on their answers.
+    """
+    return _resource_lines("behavior_instructions.txt")
+
+
+@cache
 def asr_instructions() -> tuple[str, ...]:
     """The ~100 ASR-pretraining instructions (one a line in the bundled resource)."""
-    text = resources.files("blsp.resources").joinpath("asr_instructions.txt").read_text("utf-8")
+    return _resource_lines("asr_instructions.txt")
+
+
+def _resource_lines(name: str) -> tuple[str, ...]:
+    text = resources.files("blsp.resources").joinpath(name).read_text("utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))

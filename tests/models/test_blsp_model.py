@@ -235,7 +235,7 @@ def test_save_and_load_round_trip_writes_only_the_adapter(tiny_model, tmp_path):
             p.add_(0.01)
     tiny_model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["adapter.safetensors", "config.json"]
+    assert files == ["README.md", "adapter.safetensors", "config.json"]  # and the model card
     llm_bytes = sum(p.numel() * p.element_size() for p in tiny_model.llm.parameters())
     assert (tmp_path / "adapter.safetensors").stat().st_size < llm_bytes
     loaded = BlspModel.from_pretrained(tmp_path, device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -158,3 +159,72 @@ def test_whisper_base_encoder_matches_ctranslate2(whisper_base_dir, flite_wav, t
     assert [t for _, t in prompt] == processor.tokenizer.convert_tokens_to_ids(
         ["<|en|>", "<|transcribe|>", "<|notimestamps|>"]
     )
+
+
+def _whisper_base_parts() -> list[Path]:
+    files = ALIASES["whisper-base"].files()
+    if files is None:
+        pytest.skip(ALIASES["whisper-base"].install_command())
+    return files
+
+
+def test_truncated_copies_of_whisper_base_name_the_file_and_the_cut(tmp_path, monkeypatch):
+    from blsp.models.hub import resolve
+
+    parts = _whisper_base_parts()
+    meta = next(f.parent for f in parts if (f.parent / "tokenizer.json").is_file())
+    shutil.copy(meta / "tokenizer.json", tmp_path / "tokenizer.json")
+    first, second = parts[0].read_bytes(), parts[1].read_bytes()
+    cut = tmp_path / "model.bin.part2"
+    cuts = {  # where the file ends: (its bytes, the files read)
+        "in the spec name": (first[:9], [cut]),
+        "in a variable": (first[: len(first) // 3], [cut]),
+        "in the aliases": (second[:-7], [parts[0], cut]),  # the joined file's last bytes missing
+    }
+    for where, (data, files) in cuts.items():
+        cut.write_bytes(data)
+        with pytest.raises(ModelLoadError) as e:
+            convert_ct2_whisper(files, tmp_path, tmp_path / "out")
+        msg = str(e.value)
+        assert str(cut) in msg and "truncated or corrupt model.bin" in msg, (where, msg)
+    # the second package missing: the first part alone ends inside a variable
+    with pytest.raises(ModelLoadError, match=re.escape(str(parts[0])) + ": truncated or corrupt model.bin"):
+        convert_ct2_whisper([parts[0]], meta, tmp_path / "out")
+    # through a model reference: a CT2 folder with a truncated model.bin, nothing left in the cache
+    monkeypatch.setenv("BLSP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "ct2"
+    folder.mkdir()
+    shutil.copy(meta / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "model.bin").write_bytes(first[:4096])
+    with pytest.raises(ModelLoadError, match=re.escape(str(folder / "model.bin")) + ": truncated"):
+        resolve(str(folder), "whisper")
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir() if p.name != ".lock"]
+
+
+def test_wrong_magic_garbage_and_inconsistent_fields_are_model_load_errors(tmp_path):
+    shutil.copy(tiny_en_dir() / "tokenizer.json", tmp_path / "tokenizer.json")
+    path = tmp_path / "model.bin"
+    header = _whisper_base_parts()[0].read_bytes()[:4096]
+    cases = {
+        "wrong version word": (struct.pack("<I", 0xDEADBEEF) + header[4:], "not a CTranslate2 model.bin"),
+        "garbage": (np.random.default_rng(0).bytes(100_000), "model.bin"),
+        "empty": (b"", "truncated or corrupt model.bin: format version"),
+    }
+    # a size field that disagrees with the shape
+    write_ct2(path, {"encoder/conv1/weight": np.ones((8, 4, 3), np.float32)})
+    good = path.read_bytes()
+    off = 4 + 2 + len("WhisperSpec\0") + 8 + 2 + len("encoder/conv1/weight\0") + 1 + 12 + 1
+    assert struct.unpack("<I", good[off : off + 4])[0] == 8 * 4 * 3 * 4
+    cases["size field"] = (
+        good[:off] + struct.pack("<I", 100) + good[off + 4 :],
+        "needs 384 bytes, the file says 100",
+    )
+    write_ct2(path, {"x": np.ones(2, np.float32)}, aliases=[("y", "no/such/variable")])
+    cases["alias"] = (path.read_bytes(), "alias y names no variable")
+    write_ct2(path, {"encoder/conv1/weight": np.ones(8, np.float32)})  # 1-D: not Whisper's conv
+    cases["shape"] = (path.read_bytes(), "variables do not form a Whisper model")
+    for what, (data, expected) in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(ModelLoadError) as e:
+            convert_ct2_whisper([path], tmp_path, tmp_path / "out")
+        assert str(e.value).startswith(f"{path}: ") and expected in str(e.value), (what, str(e.value))

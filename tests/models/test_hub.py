@@ -188,3 +188,33 @@ def test_smollm2_alias_loads_and_generates():
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print("smollm2:", answer)
     assert answer
+
+
+def test_malformed_gguf_files_name_the_file_and_the_defect(tmp_cache, tmp_path):
+    import struct
+
+    small = tmp_path / "small.gguf"
+    write_gguf(small, "llama")
+    good = small.read_bytes()
+    cases = {
+        "empty": (b"", "not a valid GGUF file (it starts with b''"),
+        "wrong magic": (b"GGUX" + good[4:], "not a valid GGUF file (it starts with b'GGUX', not the magic"),
+        "version": (good[:4] + struct.pack("<I", 77) + good[8:], "GGUF version 77 is not supported"),
+        "header cut": (good[:20], "not a valid GGUF file: truncated (20 bytes"),
+        "tensor count": (good[:8] + struct.pack("<Q", 2**40) + good[16:], "truncated or corrupt header"),
+        "metadata cut": (good[:60], "not a valid GGUF file: truncated or corrupt (60 bytes"),
+        "garbage": (np.random.default_rng(0).bytes(4096), "not a valid GGUF file"),
+    }
+    real = ALIASES["smollm2-135m-instruct"].files()
+    if real is not None:  # truncated copies of a real model: metadata, then tensor data cut short
+        data = real[0].read_bytes()
+        cases["real, metadata cut"] = (data[:5000], "truncated or corrupt (5000 bytes")
+        cases["real, tensor data cut"] = (data[:-10], f"truncated or corrupt ({len(data) - 10} bytes")
+    for what, (blob, expected) in cases.items():
+        path = tmp_path / f"{what.replace(' ', '-').replace(',', '')}.gguf"
+        path.write_bytes(blob)
+        with pytest.raises(ModelLoadError) as e:
+            load_llm(str(path))
+        assert str(e.value).startswith(f"{path}: ") and expected in str(e.value), (what, str(e.value))
+        path.unlink()
+    assert not list((tmp_cache / "models").iterdir())

@@ -63,3 +63,25 @@ def test_shipped_adapter_uses_the_speech(shipped, held_out):
     assert gap > 0.5
     assert distinct >= CLIPS - 2
     assert error < 80  # percent
+
+
+def test_transformers_pipeline_transcribes_with_the_shipped_adapter(shipped, held_out):
+    """``pipeline("blsp", model=FOLDER)`` after ``import blsp``, with ``AutoModel`` under it, gives
+    the same answers as the model itself (a second real load of the shipped adapter)."""
+    from transformers import AutoModel, pipeline
+
+    import blsp  # noqa: F401
+    from blsp.models.hub import pretrained_adapter_dir
+    from blsp.models.modeling_blsp import BlspModel
+
+    folder = str(pretrained_adapter_dir())
+    model = AutoModel.from_pretrained(folder, device="cpu")
+    assert isinstance(model, BlspModel)
+    pipe = pipeline("blsp", model=model)
+    audio, texts = [a for a, _ in held_out[:3]], [t for _, t in held_out[:3]]
+    got = [pipe({"audio": a, "sampling_rate": 16000}, max_new_tokens=32)["generated_text"] for a in audio]
+    want = shipped.generate(
+        [{"conversation": make_conversation(REPETITION, audio=a)} for a in audio], max_new_tokens=32
+    )
+    assert got == want
+    assert wer(texts, got) < 80

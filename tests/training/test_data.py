@@ -129,3 +129,66 @@ def test_weighted_mixing_ratio():
     plan = BatchPlan([cont, rep], [9, 1], global_batch_size=10, micro_batch_size=5, seed=0, epoch_size=200)
     counts = Counter(plan.flat[i].source for b in plan.epoch_batches(0) for i in b)
     assert counts == {0: 180, 1: 20}
+
+
+def test_overlong_responses_and_transcripts_are_skipped_and_counted(
+    tiny_dirs, tiny_manifests, tmp_path, caplog
+):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llm"])
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    good = [json.loads(x) for x in tiny_manifests["train"].read_text().splitlines()]
+    long_text = "the quick brown fox jumps over the lazy dog " * 40
+    rows = [
+        good[0],
+        {**good[1], "response": long_text},  # a runaway behavior response
+        {**good[2], "text": long_text},  # a continuation line with a long transcript
+        good[3],
+    ]
+    p = tmp_path / "long.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert count(long_text) > 64 >= max(count(r["response"]) for r in good[:4])
+    src, dc = SourceConfig(path=str(p)), DataConfig(max_text_tokens=64)
+
+    with caplog.at_level("WARNING"):
+        ce = load_source(src, 0, dc, seed=0, count_tokens=count)
+    assert [e.id for e in ce] == [good[0]["id"], good[2]["id"], good[3]["id"]]  # the transcript is unused
+    assert (
+        "skipped 1 lines: 1 x response longer than data.max_text_tokens=64 tokens (first on line 2)"
+        in caplog.text
+    )
+    kl = load_source(src, 0, dc, seed=0, needs_transcript=True, count_tokens=count)  # the teacher reads it
+    assert [e.id for e in kl] == [good[0]["id"], good[3]["id"]]
+    assert len(load_source(src, 0, DataConfig(max_text_tokens=None), seed=0, count_tokens=count)) == 4
+    assert DataConfig().max_text_tokens == 1024
+
+
+def test_data_fingerprint_names_what_changed(tiny_manifests, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from blsp.training.data import data_changes, data_fingerprint
+
+    monkeypatch.setenv("BLSP_CACHE", str(tmp_path / "cache"))  # file_sha256's memo
+    p = tmp_path / "train.jsonl"
+    shutil.copy(tiny_manifests["train"], p)
+    src = [SourceConfig(path=str(p))]
+    then = data_fingerprint(src)
+    os.utime(p, ns=(1, 1))  # touched, same content
+    assert data_changes(then, data_fingerprint(src)) == []
+
+    p.write_text(p.read_text() + p.read_text().splitlines()[0].replace('"id": "', '"id": "x') + "\n")
+    changed = data_changes(then, data_fingerprint(src))
+    assert len(changed) == 1 and changed[0].startswith(f"data.train[0] {p.resolve()}: content changed")
+    shutil.copy(tiny_manifests["train"], p)
+    assert data_changes(then, data_fingerprint(src)) == []
+    shutil.copy(p, tmp_path / "moved.jsonl")  # the same content elsewhere is the same data
+    assert data_changes(then, data_fingerprint([SourceConfig(path=str(tmp_path / "moved.jsonl"))])) == []
+    assert data_changes(then, data_fingerprint([SourceConfig(path=str(p), max_examples=8)])) == [
+        f"data.train[0] {p.resolve()}: settings changed (max_examples)"
+    ]
+    assert data_changes(then, data_fingerprint(src * 2)) == ["1 train source(s) then, 2 now"]

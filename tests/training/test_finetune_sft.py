@@ -54,15 +54,21 @@ def test_lora_finetune_from_a_blsp_adapter(tiny_recipe, tiny_blsp_config, tiny_m
 
     merged = load_finetuned(final, device="cpu")
     unmerged = load_finetuned(final, device="cpu", merge=False)
-    plain = BlspModel.from_pretrained(final, device="cpu")  # adapter only: no LoRA, original encoder
+    loaded = BlspModel.from_pretrained(final, device="cpu")  # every loader loads the fine-tune whole
+    adapter_only = tmp_path / "adapter_only"
+    adapter_only.mkdir()
+    for f in ("config.json", "adapter.safetensors"):
+        (adapter_only / f).write_bytes((final / f).read_bytes())
+    plain = BlspModel.from_pretrained(adapter_only, device="cpu")  # no LoRA, original encoder
     wav = str(tiny_manifests["eval"].parent / "wav" / "eval-000.wav")
     ex = [
         {"conversation": make_conversation(task_instruction("st:German"), audio=wav), "response": "the dog"}
     ]
     batch = merged.collate(ex)
     with torch.no_grad():
-        a, b, c = (m(**batch).logits for m in (merged, unmerged, plain))
+        a, b, c, d = (m(**batch).logits for m in (merged, unmerged, plain, loaded))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-4)
 
 

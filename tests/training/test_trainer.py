@@ -1,11 +1,14 @@
-"""The training loop end to end on the tiny model: outputs, retention, resume checks, NaN, cache."""
+"""The training loop end to end on the tiny model: outputs, retention, resume checks, NaN, cache,
+over-long lines."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from blsp.errors import BlspError
@@ -146,8 +149,102 @@ def test_encoder_cache_and_loader_workers_change_nothing(tiny_recipe, tmp_path):
         )
     )
     assert plain["encoder_cache"] is None
-    assert cached["encoder_cache"] == {"encoded": 16, "served": 16}
+    assert cached["encoder_cache"] == {"encoded": 16, "served": 16, "writable": True}
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 16
     a, b = _adapter(tmp_path / "a" / "final"), _adapter(tmp_path / "b" / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _quiet(tmp_path, name: str) -> dict:
+    return {"output_dir": str(tmp_path / name), "progress": False, "tensorboard": False, "log_every": 1}
+
+
+def _losses(run) -> list[float]:
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["key"].startswith("train")]
+
+
+def test_resume_refuses_changed_training_data_unless_accepted(
+    tiny_recipe, tiny_manifests, tmp_path, monkeypatch, caplog
+):
+    from blsp.cli import main
+
+    monkeypatch.setenv("BLSP_CACHE", str(tmp_path / "cache"))  # file_sha256's memo
+    shutil.copytree(tiny_manifests["train"].parent, tmp_path / "data")
+    manifest = tmp_path / "data" / "train.jsonl"
+    rec = tiny_recipe(
+        data={"train": [{"path": str(manifest)}]},
+        train={"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 4},
+    )
+    train(config_from_dict(rec))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert json.loads((ckpt / ck.META).read_text())["data"]["sources"][0]["path"] == str(manifest.resolve())
+    train(config_from_dict(rec), resume=True)  # the same data: resumes
+
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    rows[0]["response"] += " and more"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BlspError) as e:
+        train(config_from_dict(rec), resume=True)
+    msg = str(e.value)
+    assert f"training data changed since {ckpt}" in msg
+    assert (
+        f"data.train[0] {manifest.resolve()}: content changed" in msg and "--resume-accept-data-change" in msg
+    )
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(rec))
+    assert main(["train", str(recipe), "--resume-accept-data-change"]) == 2  # only with --resume
+    assert main(["train", str(recipe), "--resume"]) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(recipe), "--resume", "--resume-accept-data-change"]) == 0
+    assert "training data changed since" in caplog.text and "(accepted)" in caplog.text
+
+
+def test_an_overlong_response_is_skipped_at_load(tiny_recipe, tiny_manifests, tmp_path, caplog):
+    shutil.copytree(tiny_manifests["train"].parent, tmp_path / "data")
+    manifest = tmp_path / "data" / "train.jsonl"
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    rows[3]["response"] = "the quick brown fox jumps over the lazy dog " * 400  # thousands of tokens
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = tiny_recipe(
+        data={"train": [{"path": str(manifest)}]}, train={"max_steps": 1}, run=_quiet(tmp_path, "r")
+    )
+    with caplog.at_level("WARNING"):
+        train(config_from_dict(rec))  # the default data.max_text_tokens=1024
+    assert "skipped 1 lines: 1 x response longer than data.max_text_tokens=1024 tokens (first on line 4)" in (
+        caplog.text
+    )
+
+
+def test_a_cold_and_a_warm_encoder_cache_train_bit_identically(tiny_recipe, tmp_path):
+    """A miss is rounded to the cache dtype as a hit comes back: the same batches either way."""
+
+    def run(name: str) -> dict:
+        data = {
+            "train": tiny_recipe()["data"]["train"],
+            "encoder_cache": str(tmp_path / "cache"),
+            "cache_dtype": "float16",
+        }
+        return train(config_from_dict(tiny_recipe(data=data, run=_quiet(tmp_path, name))))
+
+    cold, warm = run("cold"), run("warm")  # 4 steps of 4: one epoch of the 16 clips
+    assert cold["encoder_cache"] == {"encoded": 16, "served": 0, "writable": True}
+    assert warm["encoder_cache"] == {"encoded": 0, "served": 16, "writable": True}
+    assert _losses(tmp_path / "cold") == _losses(tmp_path / "warm")
+    a, b = _adapter(tmp_path / "cold" / "final"), _adapter(tmp_path / "warm" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unwritable_encoder_cache_is_one_warning(tiny_recipe, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should go")
+    data = {"train": tiny_recipe()["data"]["train"], "encoder_cache": str(blocker / "cache")}
+    with caplog.at_level("WARNING"):
+        summary = train(config_from_dict(tiny_recipe(data=data, run=_quiet(tmp_path, "r"))))
+    assert summary["encoder_cache"] == {"encoded": 16, "served": 0, "writable": False}
+    warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warnings) == 1 and "without caching" in warnings[0].getMessage()
+    assert (tmp_path / "r" / "final").is_dir()

@@ -430,10 +430,13 @@ def ctc_transcriber(path: str | Path, device: str | None = None) -> Callable[[],
 def _config_key(path: str) -> str | None:
     from blsp.models.configuration_blsp import BlspConfig
     from blsp.models.hub import resolve_adapter
-    from blsp.models.modeling_blsp import config_key
+    from blsp.models.modeling_blsp import config_key, is_finetuned
 
     try:
-        return config_key(BlspConfig.from_pretrained(str(resolve_adapter(path))))
+        folder = resolve_adapter(path)
+        if is_finetuned(folder):  # its LoRA/encoder change the frozen models: never shared
+            return None
+        return config_key(BlspConfig.from_pretrained(str(folder)))
     except Exception:
         return None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -91,13 +92,24 @@ def read_ct2_model(paths: Sequence[Path]) -> tuple[str, dict[str, torch.Tensor]]
         if code not in CT2_DTYPES:
             raise ModelLoadError(f"{source}: variable {name} has unknown dtype code {code}")
         nbytes = r.scalar("I", f"size of {name}")
+        dtype = np.dtype(CT2_DTYPES[code])
+        expected = math.prod(shape) * dtype.itemsize
+        if nbytes != expected:
+            raise ModelLoadError(
+                f"{source}: corrupt model.bin: variable {name} of shape {shape} ({dtype}) needs "
+                f"{expected} bytes, the file says {nbytes}"
+            )
         raw = r.take(nbytes, f"variable {name}")
-        array = np.frombuffer(raw, dtype=CT2_DTYPES[code]).reshape(shape).copy()
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
         tensor = torch.from_numpy(array)
         variables[name] = tensor.view(torch.bfloat16) if code == CT2_BFLOAT16 else tensor
     if r.pos < len(data):  # aliases (tied weights), absent in very old files
         for _ in range(r.scalar("I", "alias count")):
             alias, target = r.string("alias"), r.string("alias target")
+            if target not in variables:
+                raise ModelLoadError(
+                    f"{source}: corrupt model.bin: alias {alias} names no variable ({target})"
+                )
             variables[alias] = variables[target]
     return spec, variables
 
@@ -287,6 +299,10 @@ def convert_ct2_whisper(model_files: Sequence[Path], meta_dir: Path, out_dir: Pa
         state = whisper_state_dict(variables)
     except KeyError as e:
         raise ModelLoadError(f"{model_files[0]}: Whisper variable {e} missing from model.bin") from e
+    except (ValueError, IndexError, RuntimeError, TypeError) as e:  # shapes that are not Whisper's
+        raise ModelLoadError(
+            f"{model_files[0]}: model.bin variables do not form a Whisper model ({type(e).__name__}: {e})"
+        ) from e
 
     tok = build_tokenizer(tokenizer_json, sizes["vocab_size"])
     is_multilingual = sizes["vocab_size"] >= 51865  # the rule openai/whisper uses

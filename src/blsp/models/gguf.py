@@ -21,18 +21,57 @@ log = logging.getLogger(__name__)
 CONVERTER_VERSION = "1"
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_header(path: Path) -> None:
+    """ModelLoadError naming ``path`` unless it starts like a GGUF file (magic, version, counts)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read GGUF file ({e.strerror or e})") from e
+    if head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{path}: not a valid GGUF file (it starts with {head[:4]!r}, not the magic {GGUF_MAGIC!r})"
+        )
+    if len(head) < 24:
+        raise ModelLoadError(
+            f"{path}: not a valid GGUF file: truncated ({size} bytes, shorter than its 24-byte header)"
+        )
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise ModelLoadError(f"{path}: GGUF version {version} is not supported (only {GGUF_VERSIONS})")
+    if n_tensors > size or n_kv > size:  # every entry takes bytes: a corrupt header
+        raise ModelLoadError(
+            f"{path}: not a valid GGUF file: truncated or corrupt header ({n_tensors} tensors and "
+            f"{n_kv} metadata entries in {size} bytes)"
+        )
+
+
 def gguf_architecture(path: Path) -> str:
     """The ``general.architecture`` of a GGUF file; ModelLoadError if the file is not a readable GGUF."""
     from gguf import GGUFReader
 
+    check_gguf_header(path)
     try:
         reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except KeyError as e:
-        raise ModelLoadError(f"{path}: GGUF file has no general.architecture field") from e
     except Exception as e:  # gguf raises ValueError/struct.error/IndexError on a bad or truncated file
-        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(
+            f"{path}: not a valid GGUF file: truncated or corrupt ({path.stat().st_size} bytes; "
+            f"{type(e).__name__}: {e})"
+        ) from e
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path}: GGUF file has no general.architecture field")
+    try:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except (IndexError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a valid GGUF file: unreadable general.architecture ({e})") from e
 
 
 def join_parts(parts: Sequence[Path], dest: Path) -> Path:

@@ -479,18 +479,34 @@ def is_pretrained_adapter(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def resolve_adapter(ref: str | os.PathLike[str] | None = None) -> Path:
-    """The folder of a BLSP adapter: ``None`` (the shipped default), a shipped name, or a folder."""
+def resolve_adapter(ref: str | os.PathLike[str] | None = None, **hub_kwargs: Any) -> Path:
+    """The folder of a BLSP adapter: ``None`` (the shipped default), a shipped name, a folder, or a
+    hub id (``org/name``, fetched into the Hugging Face cache; ``hub_kwargs`` go to
+    ``snapshot_download``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``)."""
     from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
 
     name = DEFAULT_ADAPTER if ref is None else str(ref)
-    if name not in PRETRAINED_ADAPTERS:
-        return Path(ref)  # type: ignore[arg-type]
-    folder = pretrained_adapter_dir(name)
-    for f in ("config.json", ADAPTER_WEIGHTS):
-        if not (folder / f).is_file():
-            raise ModelLoadError(f"{folder / f}: missing from the shipped adapter {name!r}; {REINSTALL_HINT}")
-    return folder
+    if name in PRETRAINED_ADAPTERS:
+        folder = pretrained_adapter_dir(name)
+        for f in ("config.json", ADAPTER_WEIGHTS):
+            if not (folder / f).is_file():
+                raise ModelLoadError(
+                    f"{folder / f}: missing from the shipped adapter {name!r}; {REINSTALL_HINT}"
+                )
+        return folder
+    path = Path(name).expanduser()
+    if path.exists() or _looks_like_path(name) or name.count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        return Path(snapshot_download(name, ignore_patterns=NON_PYTORCH_FILES, **hub_kwargs))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise ModelLoadError(
+            f"{name}: not a shipped adapter ({', '.join(PRETRAINED_ADAPTERS)}), not a local folder, and "
+            f"not in the Hugging Face hub or its cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
 
 
 def pretrained_status() -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from blsp.errors import AudioError, BlspError, ModelLoadError
 from blsp.models.adapter import ModalityAdapter
@@ -28,6 +29,9 @@ from blsp.models.prompt import MIN_SHARED_PREFIX, AudioSpan, PromptBuilder
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
+LORA_DIR = "lora"  # a fine-tune's peft adapter of the LLM (paper Table 4)
+ENCODER_WEIGHTS = "encoder.safetensors"  # a fine-tune's trained encoder
+MODEL_CARD = "README.md"
 IGNORE_INDEX = -100
 
 
@@ -53,11 +57,42 @@ class BlspOutput:
     labels: torch.Tensor | None = None
 
 
-def _open_adapter_folder(ref: str | Path | None) -> tuple[Path, BlspConfig, str]:
+def is_finetuned(path: str | Path) -> bool:
+    """Whether a BLSP folder holds a fine-tune of the frozen models (LoRA or encoder weights)."""
+    return (Path(path) / LORA_DIR).is_dir() or (Path(path) / ENCODER_WEIGHTS).is_file()
+
+
+def model_card_text(config: Any, name: str) -> str:
+    """A model card for a BLSP folder: hub metadata, what it is, how to load it, intended use."""
+    return "\n".join(
+        [
+            "---",
+            "library_name: blsp",
+            f"base_model: {config.llm}",
+            "pipeline_tag: automatic-speech-recognition",
+            "tags: [blsp, speech, behavior-alignment]",
+            "---",
+            f"# {name}",
+            "",
+            f"A BLSP modality adapter for the frozen `{config.encoder}` encoder and the frozen "
+            f"`{config.llm}` LLM (adapter weights only; the folder's config names both models). "
+            f"Load it with `BlspModel.from_pretrained({name!r})` or "
+            f"`transformers.AutoModel.from_pretrained(...)` after `import blsp`, or talk to it with `blsp chat`.",
+            "",
+            "## Intended use",
+            "",
+            "Research on behavior alignment: speech in, text out, following text instructions about the "
+            "speech (repeat, continue, answer); the frozen LLM's abilities bound what it can answer.",
+            "",
+        ]
+    )
+
+
+def _open_adapter_folder(ref: str | Path | None, **hub_kwargs: Any) -> tuple[Path, BlspConfig, str]:
     """The folder of an adapter reference, its config, and the reinstall hint of a shipped one."""
     from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
 
-    path = resolve_adapter(ref)
+    path = resolve_adapter(ref, **hub_kwargs)
     hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a BLSP model folder (no config.json)")
@@ -77,6 +112,18 @@ def _read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{weights}: cannot read adapter weights ({e}){hint}") from e
 
 
+def _load_frozen(config: BlspConfig, dtype: torch.dtype | None) -> tuple[SpeechEncoder, nn.Module, Any]:
+    """The frozen encoder, LLM and tokenizer that ``config`` names (fp32 on CPU unless ``dtype``)."""
+    from blsp.models.hub import load_llm, load_whisper
+
+    dtype = dtype or torch.float32
+    whisper, processor = load_whisper(config.encoder, dtype=dtype)
+    encoder = SpeechEncoder(whisper.get_encoder(), processor.feature_extractor)
+    del whisper  # the decoder is not part of BLSP
+    llm, tokenizer = load_llm(config.llm, dtype=dtype)
+    return encoder, llm, tokenizer
+
+
 def config_key(config: Any) -> str:
     """Everything of a ``BlspConfig`` that fixes the models and the adapter's shape: adapters with
     the same key fit one loaded model (bookkeeping fields such as versions are left out)."""
@@ -87,12 +134,29 @@ def config_key(config: Any) -> str:
     )
 
 
-class BlspModel(nn.Module):
-    """A BLSP speech-language model. Build with ``from_config`` or ``from_pretrained``."""
+class BlspModel(PreTrainedModel):
+    """A BLSP speech-language model, a ``transformers`` ``PreTrainedModel``.
 
-    def __init__(self, config: BlspConfig, encoder: SpeechEncoder, llm: nn.Module, tokenizer: Any) -> None:
-        super().__init__()
-        self.config = config
+    Build with ``from_pretrained`` (a folder, a shipped name or a hub id; also through
+    ``AutoModel`` after ``import blsp``), ``from_config``, or ``BlspModel(config)``, which loads
+    the encoder and LLM that ``config`` names. Only the trainable weights are ever saved.
+    """
+
+    config_class = BlspConfig
+    base_model_prefix = "blsp"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: BlspConfig,
+        encoder: SpeechEncoder | None = None,
+        llm: nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__(config)
+        if encoder is None or llm is None or tokenizer is None:
+            encoder, llm, tokenizer = _load_frozen(config, dtype=None)
         self.encoder = encoder
         self.llm = llm
         self.tokenizer = tokenizer
@@ -120,6 +184,9 @@ class BlspModel(nn.Module):
             scale = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         with torch.no_grad():
             self.adapter.norm.weight.fill_(float(scale))
+        self.model_card: str | None = (
+            None  # the README.md this model was loaded with, kept by save_pretrained
+        )
         self.extra = nn.ModuleDict()  # optional trainable heads saved with the adapter (e.g. "ctc")
         if config.ctc_vocab_size:
             self.extra["ctc"] = self._ctc_head(config, llm)
@@ -152,45 +219,104 @@ class BlspModel(nn.Module):
         **overrides: Any,
     ) -> BlspModel:
         """Load the encoder and LLM named by ``config`` and attach a freshly initialised adapter."""
-        from blsp.models.hub import load_llm, load_whisper
-
         config = config or BlspConfig()
         for k, v in overrides.items():
             setattr(config, k, v)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        whisper, processor = load_whisper(config.encoder, dtype=dtype)
-        encoder = SpeechEncoder(whisper.get_encoder(), processor.feature_extractor)
-        del whisper  # the decoder is not part of BLSP
-        llm, tokenizer = load_llm(config.llm, dtype=dtype)
-        return cls(config, encoder, llm, tokenizer).to(device)
+        return cls(config, *_load_frozen(config, dtype)).to(device)
 
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path | None = None,
+        pretrained_model_name_or_path: str | Path | None = None,
+        *model_args: Any,
+        config: BlspConfig | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        merge_lora: bool = True,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **overrides: Any,
     ) -> BlspModel:
-        """Load a saved adapter folder (``config.json`` + ``adapter.safetensors``) and its models.
+        """Load a saved BLSP folder and the frozen models its config names.
 
-        ``path``: a folder, the name of a shipped adapter (``blsp-base``), or None for the shipped default.
+        ``pretrained_model_name_or_path``: a folder, a shipped adapter's name (``blsp-base``), a hub
+        id (``org/name``; ``revision``, ``cache_dir``, ``local_files_only``, ``token`` as in
+        ``transformers``), or None for the shipped default. A fine-tuned folder's ``lora/`` (merged
+        into the LLM unless ``merge_lora=False``) and ``encoder.safetensors`` load with it.
+        ``torch_dtype`` and a single-device ``device_map`` are accepted as in ``transformers``;
+        other keyword arguments override config fields.
         """
-        path, config, hint = _open_adapter_folder(path)
+        if model_args:
+            raise BlspError(
+                f"BlspModel.from_pretrained takes no positional model arguments, got {model_args!r}"
+            )
+        for k in ("trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash", "subfolder"):
+            overrides.pop(k, None)
+        dtype = overrides.pop("torch_dtype", None) if dtype is None else dtype
+        device_map = overrides.pop("device_map", None)
+        if device is None and isinstance(device_map, str | torch.device) and device_map != "auto":
+            device = device_map
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        path, saved, hint = _open_adapter_folder(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
         weights = path / ADAPTER_WEIGHTS
-        model = cls.from_config(config, device=device, dtype=dtype, **overrides)
+        model = cls.from_config(config or saved, device=device, dtype=dtype, **overrides)
         model.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
+        model._load_finetune(path, merge_lora)
+        model.name_or_path = str(pretrained_model_name_or_path or path)
+        card = path / MODEL_CARD
+        model.model_card = card.read_text(encoding="utf-8") if card.is_file() else None
         return model
+
+    def _load_finetune(self, path: Path, merge_lora: bool = True) -> None:
+        """The paper's Table 4 fine-tune, if ``path`` holds one: LoRA of the LLM and encoder weights."""
+        lora = path / LORA_DIR
+        if lora.is_dir():
+            from peft import PeftModel
+
+            try:
+                self.llm = PeftModel.from_pretrained(self.llm, str(lora))
+            except Exception as e:
+                raise ModelLoadError(f"{lora}: cannot load the LoRA adapter ({e})") from e
+            if merge_lora:
+                self.llm = self.llm.merge_and_unload()
+            for p in self.llm.parameters():
+                p.requires_grad_(False)
+        self.load_encoder_weights(path)
+        self.train(False)
+
+    def load_encoder_weights(self, path: Path) -> None:
+        """Load a fine-tune's ``encoder.safetensors`` from ``path``, if it has one."""
+        enc = path / ENCODER_WEIGHTS
+        if enc.is_file():
+            state = _read_weights(enc)
+            dtype = next(self.encoder.whisper.parameters()).dtype
+            try:
+                self.encoder.whisper.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+            except RuntimeError as e:
+                raise ModelLoadError(f"{enc}: encoder weights do not fit {self.config.encoder!r} ({e})") from e
 
     def load_adapter(self, path: str | Path | None = None) -> None:
         """Swap in the adapter (and extra heads) of another folder trained for this same config: the
-        encoder and LLM stay loaded."""
+        encoder and LLM stay loaded. A fine-tuned folder (LoRA or encoder weights) is refused: it
+        changes the frozen models, so it loads on its own with ``from_pretrained``."""
         path, config, hint = _open_adapter_folder(path)
         if config_key(config) != config_key(self.config):
             raise ModelLoadError(
                 f"{path}: trained for another config than the loaded model; load it on its own"
             )
+        if is_finetuned(path):
+            raise ModelLoadError(f"{path}: a fine-tuned folder (LoRA/encoder weights); load it on its own")
         weights = path / ADAPTER_WEIGHTS
         self.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
 
@@ -209,18 +335,60 @@ class BlspModel(nn.Module):
         except RuntimeError as e:
             raise ModelLoadError(f"{source}: adapter weights do not fit this config ({e})") from e
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``adapter.safetensors``: the adapter only, never the LLM."""
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write ``config.json``, ``adapter.safetensors`` (the trainable weights only, never the
+        encoder or LLM) and a model card ``README.md`` (the one this model was loaded with, else a
+        new one). ``push_to_hub=True`` then uploads the folder (``repo_id`` defaults to its name)."""
+        from blsp.utils.io import atomic_write_text
+
+        path = Path(save_directory)
         write_adapter_folder(path, self.trainable_state_dict(), self.config.to_dict())
+        atomic_write_text(path / MODEL_CARD, self.model_card or model_card_text(self.config, path.name))
+        if push_to_hub:
+            self.push_to_hub(kwargs.pop("repo_id", path.name), **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **_: Any,
+    ) -> Any:
+        """Upload this model's folder (config, trainable weights, model card) to a hub repo."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message or "Upload BLSP adapter",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # ------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> BlspModel:
-        """Only the adapter and extra heads ever train; the encoder and LLM stay in eval mode."""
+        """Only the trainable parts follow ``mode``: the adapter, extra heads and a LoRA's dropout.
+
+        The encoder and LLM stay in eval mode (their own dropout never applies to frozen weights).
+        """
         self.training = mode
         self.adapter.train(mode)
         self.extra.train(mode)
         self.encoder.eval()
         self.llm.eval()
+        for name, module in self.llm.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(mode)
         return self
 
     @property
@@ -523,5 +691,9 @@ class BlspModel(nn.Module):
             return seqs
         return [self.tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def num_parameters(
+        self, only_trainable: bool = False, exclude_embeddings: bool = False, **kw: Any
+    ) -> int:
+        """Parameters of the whole model, or only the trainable ones (``trainable_only`` also accepted)."""
+        only = only_trainable or kw.get("trainable_only", False)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only)

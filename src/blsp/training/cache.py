@@ -7,18 +7,27 @@ lives under a folder named by the encoder's fingerprint (a hash of its weights, 
 extractor settings and the encoder code), so a different encoder or a changed file never reads a
 stale entry. Entries are written atomically (temporary file + rename) so concurrent ranks and
 killed runs never leave a torn file behind.
+
+Entries are stored in the cache dtype, and a freshly computed state is rounded to it before use
+(:meth:`EncoderCache.round`), so a cold and a warm cache give bit-identical batches. A folder that
+cannot be written (read-only, full disk) is a warning, logged once: training goes on, reading
+what entries there are and storing no more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,11 +66,29 @@ class EncoderCache:
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str, dtype: str = "float32") -> None:
         self.root = Path(root) / fingerprint[:24]
-        self.root.mkdir(parents=True, exist_ok=True)
         self.dtype = _DTYPES[dtype]
         # counted by the training process (lookups may run in DataLoader workers)
         self.served = 0
         self.encoded = 0
+        self.writable = True
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._stop_writing(e)
+
+    def _stop_writing(self, e: OSError) -> None:
+        """Warn (once) that entries cannot be stored, and store no more."""
+        if self.writable:
+            log.warning(
+                "encoder cache %s cannot be written (%s); training goes on without caching new states",
+                self.root,
+                e.strerror or e,
+            )
+        self.writable = False
+
+    def round(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` as the cache returns it: in the cache dtype (what a later hit would give)."""
+        return hidden.to(self.dtype)
 
     def _path(self, ref: str) -> Path | None:
         try:
@@ -83,21 +110,29 @@ class EncoderCache:
                 frames = int(f.metadata()["frames"])
         except Exception:  # a foreign or damaged file: recompute it
             return None
+        if hidden.dtype != self.dtype:  # written with another data.cache_dtype: recompute it
+            return None
         return hidden, frames
 
     def put(self, ref: str, hidden: torch.Tensor, frames: int) -> None:
-        from safetensors.torch import save_file
+        """Store ``hidden`` (in the cache dtype); a write that fails stops the storing, with a warning."""
+        from safetensors.torch import save
 
-        path = self._path(ref)
+        path = self._path(ref) if self.writable else None
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tensor = hidden.detach().to("cpu", self.dtype).contiguous()
+        data = save({"hidden": tensor}, metadata={"frames": str(int(frames)), "ref": ref})
+        tmp = None
         try:
-            tensor = hidden.detach().to("cpu", self.dtype).contiguous()
-            save_file({"hidden": tensor}, tmp, metadata={"frames": str(int(frames)), "ref": ref})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
+        except OSError as e:  # read-only folder, full disk, quota
+            self._stop_writing(e)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if tmp is not None and os.path.exists(tmp):
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)

@@ -4,8 +4,9 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000120/`` holding
 
 - ``weights/``: the trained weights (``BlspModel.save_pretrained``: adapter + config.json; plus
   LoRA / encoder weights when fine-tuning, or the LLM for stage 1),
-- ``trainer_state.pt``: optimizer, scheduler, step, data position, RNG states of every rank,
-- ``meta.json``: step, time, config hash; written last.
+- ``trainer_state.pt``: optimizer, scheduler, step, data position, RNG states of every rank; only
+  tensors and plain Python values, so it loads with ``torch.load(weights_only=True)`` (no pickle),
+- ``meta.json``: step, time, objective, the training data's fingerprint; written last.
 
 It is written into ``.tmp-step-...`` (every file fsynced) and renamed into place, so a reader only
 ever sees complete checkpoints; a checkpoint being deleted is first renamed to ``.trash-...``.
@@ -14,6 +15,7 @@ Leftover ``.tmp-*``/``.trash-*`` folders from a killed run are removed on the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from blsp.errors import BlspError
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,22 @@ def clean_partial(ckpt_dir: Path) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """The RNG states of this process as tensors and plain values (no pickle needed to load them)."""
+    version, mt, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -102,8 +119,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s output (or the pickled tuples of checkpoints written before it)."""
+    py, nps = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"])
+    random.setstate(py)
+    if isinstance(nps, dict):
+        key = nps["key"].numpy().astype(np.uint32)
+        nps = (nps["bit_generator"], key, nps["pos"], nps["has_gauss"], nps["gauss"])
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -156,8 +180,48 @@ def apply_retention(ckpt_dir: Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def _legacy_numpy_globals() -> list[Any]:
+    """What numpy's RNG state (an ``ndarray`` of uint32) needs to unpickle: checkpoints written
+    before :func:`rng_state` stored it as tensors hold it as ``np.random.get_state()``'s tuple."""
+    reconstruct = np.empty(0).__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
+    """A checkpoint's trainer state, loaded with ``weights_only=True`` (never arbitrary pickle).
+
+    A checkpoint of an older version (numpy RNG state as an array) loads too; anything else that
+    needs pickle, or a damaged file, is a :class:`~blsp.errors.BlspError` naming the file."""
+    import pickle
+
+    file = path / STATE
+    if not file.is_file():
+        raise BlspError(f"{file}: trainer state not found (incomplete checkpoint?)")
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
+                allow = torch.serialization.safe_globals(_legacy_numpy_globals())
+            else:
+                torch.serialization.add_safe_globals(_legacy_numpy_globals())
+                allow = contextlib.nullcontext()
+            with allow:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(file)))
+        except Exception:  # the listing is only a hint
+            found = ""
+        raise BlspError(
+            f"{file}: trainer state holds objects that only pickle can load ({found or 'unknown'}); "
+            "it is not loaded, as unpickling runs code: resume from another checkpoint"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise BlspError(f"{file}: not a readable trainer state ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise BlspError(f"{file}: not a trainer state (no 'step' entry)")
+    return state
 
 
 def publish_dir(src_writer: Callable[[Path], None], dest: Path) -> None:

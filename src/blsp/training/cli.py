@@ -1,4 +1,4 @@
-"""``blsp train CONFIG.yaml [--set KEY=VALUE ...] [--resume [RUN_OR_CHECKPOINT]]``.
+"""``blsp train CONFIG.yaml [--set KEY=VALUE ...] [--resume [RUN_OR_CHECKPOINT] [--resume-accept-data-change]]``.
 
 Runs one recipe (configs/*.yaml): BLSP adapter training (``ce``/``kl``/``ce+kl``), the ASR-
 pretraining and CTC baselines, LoRA fine-tuning, or stage-1 instruction tuning. Under
@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_OR_CHECKPOINT",
         help="continue the run in run.output_dir (or the given run / checkpoint folder) from its last checkpoint",
     )
+    p.add_argument(
+        "--resume-accept-data-change",
+        action="store_true",
+        help="with --resume: continue although the training manifests changed since the checkpoint "
+        "(by default that is an error naming what changed)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
@@ -54,15 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from blsp.errors import BlspError
     from blsp.training.config import load_config
 
+    if args.resume_accept_data_change and not args.resume:
+        raise BlspError("--resume-accept-data-change goes with --resume")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
     from blsp.training.trainer import train
 
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, accept_data_change=args.resume_accept_data_change)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -76,8 +76,14 @@ class DataConfig:
     group_by_length: bool = True
     megabatch_factor: int = 50
     # Folder for cached frozen-encoder outputs (null: no cache). Keyed by audio identity + encoder hash.
+    # A folder that cannot be written (read-only, full) is a warning: training goes on without storing.
     encoder_cache: str | None = None
+    # dtype of the cached states; a freshly computed state is rounded to it too, so a cold and a warm
+    # cache train bit-identically.
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Lines whose response (or, for kl/ctc, transcript) has more LLM tokens than this are skipped and
+    # counted when the data is loaded, instead of running out of memory in a batch (null: no limit).
+    max_text_tokens: int | None = 1024
     # Examples per epoch when sources are mixed by weight (default: total of the sources).
     epoch_size: int | None = None
     # DataLoader worker processes reading audio and collating batches (0 = in the training process).
@@ -404,6 +410,10 @@ def _validate(cfg: Config, source: str) -> None:
         (cfg.run.eval_every >= 1, "run.eval_every must be >= 1"),
         (cfg.run.log_every >= 1, "run.log_every must be >= 1"),
         (cfg.ctc.upsample >= 1, "ctc.upsample must be >= 1"),
+        (
+            cfg.data.max_text_tokens is None or cfg.data.max_text_tokens >= 1,
+            "data.max_text_tokens must be >= 1",
+        ),
         (cfg.data.max_duration > cfg.data.min_duration, "data.max_duration must exceed data.min_duration"),
         (bool(cfg.data.train), "data.train: at least one training manifest is needed"),
     ]

@@ -20,6 +20,7 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,10 +174,30 @@ def example_from_item(
     )
 
 
+def _too_long(
+    ex: Example, needs_transcript: bool, limit: int, count_tokens: Callable[[str], int]
+) -> str | None:
+    """Why ``ex``'s response (or the transcript the objective feeds the LLM) is over ``limit`` tokens."""
+    texts = [("response", ex.response)]
+    if needs_transcript and ex.transcript is not None and ex.transcript != ex.response:
+        texts.append(("transcript", ex.transcript))
+    for what, text in texts:
+        if count_tokens(text) > limit:
+            return f"{what} longer than data.max_text_tokens={limit} tokens"
+    return None
+
+
 def load_source(
-    src: SourceConfig, index: int, data_cfg: DataConfig, seed: int, needs_transcript: bool = False
+    src: SourceConfig,
+    index: int,
+    data_cfg: DataConfig,
+    seed: int,
+    needs_transcript: bool = False,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> list[Example]:
-    """Examples of one manifest; bad lines are skipped and counted, zero usable lines is an error."""
+    """Examples of one manifest; bad lines are skipped and counted, zero usable lines is an error.
+
+    ``count_tokens`` (the LLM tokenizer's length of a text) enables ``data.max_text_tokens``."""
     from blsp.utils.io import iter_jsonl, line_defect
 
     path = Path(src.path)
@@ -201,6 +222,9 @@ def load_source(
                 ex, reason = None, f"duration outside [{data_cfg.min_duration}, {data_cfg.max_duration}] s"
             elif needs_transcript and ex.transcript is None:
                 ex, reason = None, "no transcript (needed by this objective)"
+            elif count_tokens is not None and data_cfg.max_text_tokens is not None:
+                reason = _too_long(ex, needs_transcript, data_cfg.max_text_tokens, count_tokens)
+                ex = None if reason else ex
         if ex is None:
             skipped[reason or "unusable"] += 1
             first_bad.setdefault(reason or "unusable", lineno)
@@ -221,10 +245,60 @@ def load_source(
 
 
 def load_examples(
-    sources: list[SourceConfig], data_cfg: DataConfig, seed: int, needs_transcript: bool = False
+    sources: list[SourceConfig],
+    data_cfg: DataConfig,
+    seed: int,
+    needs_transcript: bool = False,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> list[list[Example]]:
     """Examples of every source, in source order."""
-    return [load_source(s, i, data_cfg, seed, needs_transcript) for i, s in enumerate(sources)]
+    return [load_source(s, i, data_cfg, seed, needs_transcript, count_tokens) for i, s in enumerate(sources)]
+
+
+def data_fingerprint(sources: list[SourceConfig]) -> dict[str, Any]:
+    """What a run trains on: each train manifest's content hash (sha256, memoised by size and mtime)
+    and source settings, with its resolved path and size for the messages, and ``sha1`` of them all.
+
+    A checkpoint records it so that ``--resume`` notices a changed manifest (a moved or touched
+    one with the same content is the same data)."""
+    import dataclasses
+    import json
+
+    from blsp.models.hub import file_sha256
+
+    items = []
+    for src in sources:
+        path = Path(src.path)
+        if not path.is_file():
+            raise BlspError(f"{path}: manifest not found")
+        try:
+            size, digest = path.stat().st_size, file_sha256(path)
+        except OSError as e:
+            raise BlspError(f"{path}: cannot read the manifest ({e.strerror or e})") from e
+        spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
+        items.append({"path": str(path.resolve()), "size": size, "sha256": digest, "spec": spec})
+    keyed = [[it["sha256"], it["spec"]] for it in items]
+    return {"sha1": hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest(), "sources": items}
+
+
+def data_changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the training data ``now`` differs from ``then`` (two :func:`data_fingerprint`s), in words."""
+    if then.get("sha1") == now.get("sha1"):
+        return []
+    old, new = then.get("sources") or [], now.get("sources") or []
+    out = []
+    if len(old) != len(new):
+        out.append(f"{len(old)} train source(s) then, {len(new)} now")
+    for i, (a, b) in enumerate(zip(old, new, strict=False)):
+        where = f"data.train[{i}] {b.get('path')}"
+        if a.get("sha256") != b.get("sha256"):
+            was = f"; it was {a.get('path')}" if a.get("path") != b.get("path") else ""
+            out.append(f"{where}: content changed ({a.get('size')} bytes then, {b.get('size')} now{was})")
+        sa, sb = a.get("spec") or {}, b.get("spec") or {}
+        if sa != sb:
+            keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+            out.append(f"{where}: settings changed ({', '.join(keys)})")
+    return out or ["the training data's fingerprint changed"]
 
 
 # --------------------------------------------------------------------------- batch plan

@@ -3,7 +3,7 @@
 ``apply_lora`` wraps ``model.llm`` in a ``peft`` model with LoRA (r=16, alpha=16 by default) on
 q, k, v and o; the encoder and the adapter may be trained too. A fine-tuned model folder is the
 adapter folder (``config.json`` + ``adapter.safetensors``) with ``lora/`` (a ``peft`` adapter
-folder) and ``encoder.safetensors`` beside it; :func:`load_finetuned` loads all three.
+folder) and ``encoder.safetensors`` beside it; ``BlspModel.from_pretrained`` loads all three.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from typing import Any
 import torch
 
 from blsp.errors import ModelLoadError
+from blsp.models.modeling_blsp import ENCODER_WEIGHTS, LORA_DIR
 from blsp.training.config import LoraConfig
 
 log = logging.getLogger(__name__)
-
-LORA_DIR = "lora"
-ENCODER_WEIGHTS = "encoder.safetensors"
 
 
 def apply_lora(model: Any, cfg: LoraConfig) -> None:
@@ -42,13 +40,15 @@ def apply_lora(model: Any, cfg: LoraConfig) -> None:
     set_encoder_trainable(model, cfg.train_encoder)
     for p in model.adapter.parameters():
         p.requires_grad_(cfg.train_adapter)
+    model.train(model.training)  # the new LoRA modules start in training mode: follow the model's
 
 
 def set_encoder_trainable(model: Any, trainable: bool) -> None:
+    """Train the encoder (fp32 master weights), except Whisper's fixed sinusoidal positions."""
     if trainable:
-        model.encoder.to(torch.float32)  # train in fp32 master weights (autocast does the rest)
-    for p in model.encoder.parameters():
-        p.requires_grad_(trainable)
+        model.encoder.to(torch.float32)  # autocast does the rest
+    for name, p in model.encoder.named_parameters():
+        p.requires_grad_(trainable and "embed_positions" not in name)
 
 
 def save_finetuned(model: Any, path: Path, train_encoder: bool) -> None:
@@ -74,17 +74,7 @@ def load_lora_weights(model: Any, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ModelLoadError(f"{weights}: LoRA weights do not fit this LLM ({unexpected[:3]}...)")
-    _load_encoder(model, path)
-
-
-def _load_encoder(model: Any, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    enc = path / ENCODER_WEIGHTS
-    if enc.is_file():
-        state = load_file(str(enc))
-        dtype = next(model.encoder.whisper.parameters()).dtype
-        model.encoder.whisper.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    model.load_encoder_weights(path)
 
 
 def load_finetuned(
@@ -93,22 +83,8 @@ def load_finetuned(
     dtype: torch.dtype | None = None,
     merge: bool = True,
 ) -> Any:
-    """A :class:`BlspModel` with its fine-tuned LoRA (merged for speed by default) and encoder."""
-    from peft import PeftModel
-
+    """A :class:`BlspModel` with its fine-tuned LoRA (merged for speed by default) and encoder:
+    ``BlspModel.from_pretrained`` loads both, so every loader gets them."""
     from blsp.models.modeling_blsp import BlspModel
 
-    path = Path(path)
-    model = BlspModel.from_pretrained(path, device=device, dtype=dtype)
-    if (path / LORA_DIR).is_dir():
-        try:
-            model.llm = PeftModel.from_pretrained(model.llm, str(path / LORA_DIR))
-        except Exception as e:
-            raise ModelLoadError(f"{path / LORA_DIR}: cannot load the LoRA adapter ({e})") from e
-        if merge:
-            model.llm = model.llm.merge_and_unload()
-        for p in model.llm.parameters():
-            p.requires_grad_(False)
-    _load_encoder(model, path)
-    model.train(False)
-    return model
+    return BlspModel.from_pretrained(path, device=device, dtype=dtype, merge_lora=merge)

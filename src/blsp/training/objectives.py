@@ -122,7 +122,8 @@ class BlspCollator:
 
 def attach_encoder_states(model: Any, batch: dict[str, Any], cache: Any) -> None:
     """Replace ``input_features`` by encoder outputs: cached ones, and fresh ones for the misses
-    (which are then written to the cache). Runs the frozen encoder without gradients."""
+    (rounded to the cache dtype, as a hit would come back, and written to the cache). Runs the
+    frozen encoder without gradients."""
     student = batch["student"]
     if "input_features" not in student:
         return
@@ -137,6 +138,7 @@ def attach_encoder_states(model: Any, batch: dict[str, Any], cache: Any) -> None
         for j, i in enumerate(miss):
             one = h[j, : int(hl[j])]
             if cache is not None:
+                one = cache.round(one)
                 cache.put(batch["refs"][i], one, int(lengths[i]))
             hiddens[i] = one
     if cache is not None:

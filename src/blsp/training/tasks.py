@@ -61,6 +61,11 @@ class Task:
     needs_transcript = False
     cache: Any = None
     gradient_checkpointing = False
+    tokenizer: Any = None  # the LLM's tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        """LLM tokens of ``text`` (no special tokens): what ``data.max_text_tokens`` limits."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -149,6 +154,7 @@ class BlspTask(Task):
 
         self.name = cfg.train.objective
         self.model = model if model is not None else build_blsp_model(cfg, device)[0]
+        self.tokenizer = self.model.tokenizer
         self.lora = cfg.lora.enabled
         self.train_encoder = self.lora and cfg.lora.train_encoder
         if self.lora:
@@ -244,6 +250,7 @@ class CtcTask(Task):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.model, self.init_state = build_blsp_model(cfg, device)
+        self.tokenizer = self.model.tokenizer
         self.cache = _make_cache(cfg, self.model)
         self.needs_transcript = True
         if cfg.ctc.vocab != "embeddings":  # otherwise the labels come from the data: see prepare

@@ -31,6 +31,8 @@ from blsp.training import checkpoint as ck
 from blsp.training.config import Config, config_from_dict
 from blsp.training.data import (
     BatchPlan,
+    data_changes,
+    data_fingerprint,
     load_examples,
     shard_eval,
     shuffled_speech,
@@ -213,6 +215,29 @@ def prepare_run_dir(cfg: Config, resume: bool | str) -> tuple[Path, Path | None]
     return run_dir, ckpt
 
 
+def check_resume_data(ckpt: Path, now: dict[str, Any], accept: bool) -> None:
+    """Refuse to resume ``ckpt`` on training data other than its own (a warning with ``accept``)."""
+    import json
+
+    try:
+        then = json.loads((ckpt / ck.META).read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError) as e:
+        raise BlspError(f"--resume: {ckpt / ck.META} is not readable ({e})") from e
+    if not isinstance(then, dict):
+        log.warning("--resume: %s records no data fingerprint (an older version); data not checked", ckpt)
+        return
+    changes = data_changes(then, now)
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if not accept:
+        raise BlspError(
+            f"--resume: the training data changed since {ckpt}: {what}. Restore it, or pass "
+            "--resume-accept-data-change to continue on the new data (the batches from then on differ)"
+        )
+    log.warning("--resume: the training data changed since %s (accepted): %s", ckpt, what)
+
+
 # --------------------------------------------------------------------------- loop helpers
 class _Wrapper(torch.nn.Module):
     """Holds the task's loss module; an empty micro-batch gives a zero loss touching every trainable
@@ -253,12 +278,16 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- train
-def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[str, Any]:
+def train(
+    cfg: Config, resume: bool | str = False, model: Any = None, accept_data_change: bool = False
+) -> dict[str, Any]:
     """Run the recipe ``cfg``; returns the summary (also written to ``<run>/summary.json``).
 
     ``resume``: True continues ``run.output_dir`` from its last checkpoint; a path names a run or
-    checkpoint folder. ``model``: an already loaded ``BlspModel`` to train (ce/kl objectives) in
-    place of the one ``cfg.model`` describes; its adapter is updated in place.
+    checkpoint folder. A checkpoint whose training data (manifest contents, source settings)
+    differs from the data now is refused unless ``accept_data_change``. ``model``: an already
+    loaded ``BlspModel`` to train (ce/kl objectives) in place of the one ``cfg.model`` describes;
+    its adapter is updated in place.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
@@ -268,6 +297,9 @@ def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[st
     d = init_distributed(cfg)
     try:
         run_dir, ckpt = prepare_run_dir(cfg, resume)
+        data_fp = data_fingerprint(cfg.data.train)
+        if ckpt is not None:
+            check_resume_data(ckpt, data_fp, accept_data_change)
         ckpt_dir = run_dir / "checkpoints"
         if d.main:
             ck.clean_partial(ckpt_dir)
@@ -279,7 +311,9 @@ def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[st
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         task = build_task(cfg, d.device, model=model)
-        sources = load_examples(cfg.data.train, cfg.data, cfg.train.seed, task.needs_transcript)
+        sources = load_examples(
+            cfg.data.train, cfg.data, cfg.train.seed, task.needs_transcript, count_tokens=task.count_tokens
+        )
         plan = BatchPlan(
             sources,
             [s.weight for s in cfg.data.train],
@@ -296,7 +330,9 @@ def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[st
             task.check_examples(plan.flat)
         eval_examples = []
         if cfg.data.eval:
-            eval_sets = load_examples(cfg.data.eval, cfg.data, cfg.train.seed, task.needs_transcript)
+            eval_sets = load_examples(
+                cfg.data.eval, cfg.data, cfg.train.seed, task.needs_transcript, count_tokens=task.count_tokens
+            )
             eval_examples = [e for s in eval_sets for e in s][: cfg.data.eval_max_examples]
         total = total_steps(plan, cfg.train.epochs, cfg.train.max_steps)
 
@@ -315,7 +351,9 @@ def train(cfg: Config, resume: bool | str = False, model: Any = None) -> dict[st
                 ck.set_rng_state(rngs[d.rank])
             if d.main:
                 log.info("resumed from %s at step %d", ckpt, start)
-        trainer = _Loop(cfg, d, task, plan, optimizer, scheduler, run_dir, total, eval_examples, state)
+        trainer = _Loop(
+            cfg, d, task, plan, optimizer, scheduler, run_dir, total, eval_examples, state, data_fp
+        )
         module = _Wrapper(task.loss)
         if d.enabled:
             # frozen weights and buffers are identical on every rank: keep them out of DDP's syncing
@@ -377,8 +415,10 @@ class _Loop:
         total: int,
         eval_examples: list[Any],
         state: dict[str, Any],
+        data_fp: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.d, self.task, self.plan = cfg, d, task, plan
+        self.data_fp = data_fp
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run_dir, self.total = run_dir, total
         self.ckpt_dir = run_dir / "checkpoints"
@@ -540,6 +580,7 @@ class _Loop:
             "objective": self.cfg.train.objective,
             "name": self.cfg.name,
             "position": list(self.plan.position(step)),
+            "data": self.data_fp,
         }
         path = ck.save_checkpoint(self.ckpt_dir, step, self.task.save, state, meta, self.cfg.run.keep_last)
         log.info("checkpoint %s", path)
@@ -619,7 +660,11 @@ class _Loop:
             "train_time_s": h["train_time_s"],
             "samples_per_s": h["samples"] / h["train_time_s"] if h["train_time_s"] else None,
             "encoder_cache": (
-                {"served": self.task.cache.served, "encoded": self.task.cache.encoded}
+                {
+                    "served": self.task.cache.served,
+                    "encoded": self.task.cache.encoded,
+                    "writable": self.task.cache.writable,
+                }
                 if self.task.cache
                 else None
             ),
