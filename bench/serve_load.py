@@ -4,8 +4,15 @@ Starts the server twice (``--max-batch-size B`` and ``--max-batch-size 1``), sen
 bounded set of streamed chat-completion requests with an audio part from ``--clients``
 concurrent clients, and prints throughput, p50/p95 latency and time to first token side by side.
 
+``--mixed`` instead starts one batching server and runs the same normal load twice: alone, then
+with ``--hostile-clients`` threads sending hostile requests back to back (a FLAC decompression
+bomb, hours of silence, too many clips, deeply nested and non-finite JSON, bad base64, an
+oversized body, unsupported parameters). It reports the normal requests' p50/p95 latency with
+and without the hostile traffic, and how the hostile ones were answered (status codes, time).
+
     .venv/bin/python bench/serve_load.py                       # untrained whisper-base + smollm2 adapter
     .venv/bin/python bench/serve_load.py --adapter runs/blsp/final --clients 8 --requests 64
+    .venv/bin/python bench/serve_load.py --mixed --requests 8  # normal latency under hostile traffic
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -192,6 +200,124 @@ def run_load(url: str, model: str, clips: list[str], clients: int, requests: int
     return {"wall": wall, "results": results, "errors": errors, "engine": engine}
 
 
+def silent_flac(seconds: float, sr: int, channels: int) -> bytes:
+    """Silence as FLAC: a few hundred KB that decode to gigabytes."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    block = np.zeros((sr, channels), dtype=np.int16)
+    with sf.SoundFile(buf, "w", samplerate=sr, channels=channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(seconds)):
+            f.write(block)
+    return buf.getvalue()
+
+
+def hostile_requests(model: str, clip_b64: str) -> list[tuple[str, bytes]]:
+    """(name, raw JSON body) of requests the server must refuse quickly with a 4xx."""
+
+    def body(parts: list[dict] | None = None, **extra) -> bytes:
+        content = [{"type": "text", "text": "Repeat."}, *(parts or [])]
+        msg = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": content}], **extra}
+        return json.dumps(msg).encode()
+
+    def audio(data: bytes, fmt: str) -> dict:
+        return {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt},
+        }
+
+    bomb = silent_flac(119, 384_000, 8)
+    hours = silent_flac(2 * 3600, 16000, 1)
+    return [
+        ("flac bomb", body([audio(bomb, "flac")])),
+        ("hours of silence", body([audio(hours, "flac")])),
+        (
+            "too many clips",
+            body([{"type": "input_audio", "input_audio": {"data": clip_b64, "format": "wav"}}] * 16),
+        ),
+        ("deep json", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("nan", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}'),
+        (
+            "bad base64",
+            body([{"type": "input_audio", "input_audio": {"data": "@@@" * 1000, "format": "wav"}}]),
+        ),
+        ("tools", body([], tools=[{"type": "function", "function": {"name": "f"}}])),
+        ("oversized body", b'{"messages": "' + b"x" * (30 << 20) + b'"}'),
+        ("role list", json.dumps({"messages": [{"role": ["user"], "content": "x"}]}).encode()),
+    ]
+
+
+def run_hostile(url: str, requests: list[tuple[str, bytes]], stop: threading.Event, out: list[dict]) -> None:
+    with httpx.Client(timeout=120) as http:
+        k = 0
+        while not stop.is_set():
+            name, raw = requests[k % len(requests)]
+            k += 1
+            t0 = time.perf_counter()
+            try:
+                r = http.post(
+                    url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+                )
+                status = r.status_code
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            out.append({"name": name, "status": status, "latency": time.perf_counter() - t0})
+
+
+def mixed(args: argparse.Namespace, adapter: Path, clips: list[str], work: Path) -> None:
+    """Normal load alone, then with hostile clients; prints the normal requests' latency both ways."""
+    proc, url = start_server(
+        adapter, args.batch_size, args.wait_ms, args.max_tokens, work / "serve-mixed.log"
+    )
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        one_request(httpx.Client(timeout=600), url, model, clips[0], INSTRUCTIONS[0], 4)  # warm up
+        hostile = hostile_requests(model, clips[0])
+        alone = run_load(url, model, clips, args.clients, args.requests, args.max_tokens)
+        stop, answers = threading.Event(), []
+        threads = [
+            threading.Thread(target=run_hostile, args=(url, hostile, stop, answers))
+            for _ in range(args.hostile_clients)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            loaded = run_load(url, model, clips, args.clients, args.requests, args.max_tokens)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        health = httpx.get(url + "/health", timeout=10).json()["status"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(
+        f"\nblsp serve under hostile traffic: {args.clients} normal clients x {args.requests} streamed "
+        f"requests, {args.hostile_clients} hostile clients, CPU threads {os.cpu_count()}"
+    )
+    print(f"{'normal requests':<16}{'alone':>12}{'+ hostile':>12}")
+    for key, values in [
+        ("ok", (len(alone["results"]), len(loaded["results"]))),
+        ("errors", (len(alone["errors"]), len(loaded["errors"]))),
+        ("lat_p50", tuple(pct([r["latency"] for r in run["results"]], 50) for run in (alone, loaded))),
+        ("lat_p95", tuple(pct([r["latency"] for r in run["results"]], 95) for run in (alone, loaded))),
+        ("ttft_p50", tuple(pct([r["ttft"] for r in run["results"]], 50) for run in (alone, loaded))),
+    ]:
+        print(f"{key:<16}" + "".join(f"{v:>12.2f}" if isinstance(v, float) else f"{v:>12}" for v in values))
+    print(f"hostile requests answered: {len(answers)}; server health after: {health}")
+    by_name: dict[str, Counter] = {}
+    for a in answers:
+        by_name.setdefault(a["name"], Counter())[a["status"]] += 1
+    for name, counts in by_name.items():
+        lat = [a["latency"] for a in answers if a["name"] == name]
+        print(f"  {name:<18} {dict(counts)}  p50 {pct(lat, 50):.3f} s  max {max(lat):.3f} s")
+    if loaded["errors"]:
+        print(f"first normal error under hostile traffic: {loaded['errors'][0]}", file=sys.stderr)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -211,6 +337,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching run")
     ap.add_argument("--wait-ms", type=float, default=10.0, help="--batch-wait-ms of the batching run")
     ap.add_argument("--modes", default="on,off", help="on, off or on,off")
+    ap.add_argument("--mixed", action="store_true", help="normal load with and without hostile requests")
+    ap.add_argument("--hostile-clients", type=int, default=2, help="with --mixed: hostile sender threads")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -218,6 +346,9 @@ def main() -> int:
     try:
         adapter = args.adapter or untrained_adapter(work)
         clips = [base64.b64encode(p.read_bytes()).decode() for p in make_clips(work)]
+        if args.mixed:
+            mixed(args, adapter, clips, work)
+            return 0
         rows = {}
         for mode in args.modes.split(","):
             batch, wait = (args.batch_size, args.wait_ms) if mode == "on" else (1, 0.0)

@@ -144,3 +144,39 @@ def test_finetuned_folder_loads_lora_and_encoder_everywhere(tiny_blsp_config, tm
     (tmp_path / "ft" / "lora").mkdir()
     with pytest.raises(ModelLoadError, match="lora"):
         BlspModel.from_pretrained(tmp_path / "ft", device="cpu")
+
+
+def test_int8_llm_stays_close_to_fp32(tiny_model, tmp_path):
+    """``quantization="int8"``: the LLM's linear layers become dynamic int8 ones, the adapter and
+    encoder stay fp32, and the logits stay close to the fp32 model's."""
+    from blsp.errors import ModelLoadError
+    from blsp.models.modeling_blsp import BlspModel
+
+    tiny_model.save_pretrained(tmp_path / "a")
+    q = BlspModel.from_pretrained(tmp_path / "a", device="cpu", quantization="int8")
+    kinds = {type(m).__module__ for m in q.llm.modules() if "Linear" in type(m).__name__}
+    assert any("quantized" in k for k in kinds), kinds
+    assert q.adapter.fc1.weight.dtype == torch.float32
+    batch = tiny_model.collate(
+        [
+            {
+                "conversation": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "Repeat."}, {"type": "audio", "audio": _wave()}],
+                    }
+                ]
+            }
+        ]
+    )
+    with torch.no_grad():
+        a, b = tiny_model(**batch).logits, q(**batch).logits
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert 0.98 < cos < 1.0  # quantized: close, not the same
+    conv = [{"conversation": batch and [{"role": "user", "content": [{"type": "audio", "audio": _wave()}]}]}]
+    assert len(q.generate(conv, max_new_tokens=3, return_ids=True)[0]) <= 3
+    with pytest.raises(ModelLoadError, match="int8"):
+        BlspModel.from_pretrained(tmp_path / "a", device="cpu", quantization="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            BlspModel.from_pretrained(tmp_path / "a", device="cpu", quantization="bnb-4bit")

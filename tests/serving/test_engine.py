@@ -218,7 +218,9 @@ def test_urls_are_fetched_only_when_allowed(tmp_path):
     try:
         with pytest.raises(ApiError, match="URLs is disabled"):
             parse_messages(msg(f"{base}/a.wav"), ServerSettings())
-        s = ServerSettings(allow_urls=True, max_body_mb=1)
+        with pytest.raises(ApiError, match="127.0.0.1, a loopback, link-local or private address"):
+            parse_messages(msg(f"{base}/a.wav"), ServerSettings(allow_urls=True))
+        s = ServerSettings(allow_urls=True, allow_private_urls=True, max_body_mb=1)
         assert parse_messages(msg(f"{base}/a.wav"), s)[0]["content"][0]["audio"].shape == (8000,)
         with pytest.raises(ApiError, match="HTTP 404"):
             parse_messages(msg(f"{base}/missing.wav"), s)

@@ -26,6 +26,8 @@ SAMPLE_RATE = 16000
 
 #: extensions that soundfile does not read and ffmpeg does
 FFMPEG_EXTENSIONS = frozenset({".m4a", ".aac", ".mp4", ".webm", ".wma"})
+#: the ffmpeg demuxer (``-f``) of each
+FFMPEG_DEMUXERS = {".m4a": "m4a", ".aac": "aac", ".mp4": "mp4", ".webm": "webm", ".wma": "asf"}
 
 
 def parse_audio_ref(ref: str | os.PathLike[str]) -> tuple[Path, int | None, int | None]:
@@ -79,6 +81,23 @@ def audio_info(ref: str | os.PathLike[str]) -> AudioInfo:
             raise AudioError(f"{path}: segment {start}+{num} ends past the end of the file ({frames} frames)")
         frames = int(num or 0)
     return AudioInfo(path=path, samplerate=sr, channels=ch, frames=frames)
+
+
+def audio_bytes_info(data: bytes, name: str = "<bytes>") -> AudioInfo:
+    """Read only the header of in-memory audio (nothing is decoded); raises AudioError naming it.
+
+    ``frames`` is what the header declares: a stream that does not know its length (a piped FLAC)
+    reports a huge count, so compare it with a bound rather than trusting it as a size.
+    """
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:
+        raise AudioError(f"{name}: cannot read audio header ({_short(e)})") from e
+    return AudioInfo(
+        path=Path(name), samplerate=int(info.samplerate), channels=int(info.channels), frames=int(info.frames)
+    )
 
 
 def load_audio(ref: str | os.PathLike[str], sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -162,7 +181,13 @@ def _ffmpeg_decode(path: Path, sr: int) -> np.ndarray:
     exe = shutil.which("ffmpeg")
     if exe is None:
         raise AudioError(f"{path}: format not supported by soundfile and ffmpeg is not installed")
-    cmd = [exe, "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
+    # The local file only (no playlist or concat demuxer may open other files or URLs), read as the
+    # format its extension names.
+    cmd = [exe, "-nostdin", "-v", "error", "-protocol_whitelist", "file"]
+    demuxer = FFMPEG_DEMUXERS.get(path.suffix.lower())
+    if demuxer:
+        cmd += ["-f", demuxer]
+    cmd += ["-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()

@@ -69,12 +69,13 @@ def lang_code(lang: str) -> str:
     raise BlspError(f"unknown language {lang!r}; known: {', '.join(sorted(LANGUAGE_NAMES))}")
 
 
-def translation_instruction(source: str, target: str) -> str:
-    """Table 11's ST instruction, with the source language named (English in the paper)."""
+def translation_instruction(source: str | None, target: str) -> str:
+    """Table 11's ST instruction, with the source language named (English in the paper), or with
+    none when ``source`` is None (speech of an unstated language)."""
     template = TASKS["st"]
-    src = LANGUAGE_NAMES[lang_code(source)]
+    src = LANGUAGE_NAMES[lang_code(source)] if source is not None else None
     if src != "English":
-        template = template.replace("English", src, 1)
+        template = template.replace("English ", f"{src} " if src else "", 1)
     return template.format(target=LANGUAGE_NAMES[lang_code(target)])
 
 

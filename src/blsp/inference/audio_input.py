@@ -35,14 +35,22 @@ FFMPEG_FORMATS = frozenset({"webm", "m4a", "mp4", "aac", "weba", "mka", "3gp", "
 KNOWN_FORMATS = SOUNDFILE_FORMATS | FFMPEG_FORMATS
 
 FFMPEG_TIMEOUT_S = 30.0
+# ffmpeg demuxer names of formats whose name is not one (``-f`` takes a demuxer name).
+FFMPEG_DEMUXERS = {"weba": "webm", "mka": "matroska", "wma": "asf"}
+# libsndfile reports a length it does not know (a streamed FLAC, say) as a huge frame count.
+UNKNOWN_FRAMES = 1 << 62
 
 
 @dataclass(frozen=True)
 class AudioLimits:
-    """Bounds on one clip: ``max_seconds`` of audio and ``max_bytes`` of encoded data (None = no bound)."""
+    """Bounds on one clip (None = no bound): ``max_seconds`` of audio, ``max_bytes`` of encoded data,
+    and ``max_samples`` decoded samples at the file's own rate, all channels (``channels x frames``:
+    what decoding allocates, however small the encoded file).
+    """
 
     max_seconds: float | None = None
     max_bytes: int | None = None
+    max_samples: int | None = None
 
     def check_seconds(self, seconds: float, source: str) -> None:
         if self.max_seconds is not None and seconds > self.max_seconds + 1e-6:
@@ -51,6 +59,13 @@ class AudioLimits:
     def check_bytes(self, n: int, source: str) -> None:
         if self.max_bytes is not None and n > self.max_bytes:
             raise AudioError(f"{source}: audio data is {n} bytes; the limit is {self.max_bytes} bytes")
+
+    def check_samples(self, channels: int, frames: int, source: str) -> None:
+        if self.max_samples is not None and channels * frames > self.max_samples:
+            raise AudioError(
+                f"{source}: audio decodes to {channels} channels x {frames} frames = {channels * frames} "
+                f"samples; the limit is {self.max_samples} samples"
+            )
 
 
 NO_LIMITS = AudioLimits()
@@ -114,14 +129,22 @@ def _decode_soundfile(data: bytes, source: str, limits: AudioLimits) -> np.ndarr
         )
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            sr, declared = f.samplerate, f.frames
+            sr, declared, channels = f.samplerate, f.frames, max(1, f.channels)
             if sr <= 0:
                 raise AudioError(f"{source}: invalid sample rate {sr}")
-            if declared > 0:
+            if 0 < declared < UNKNOWN_FRAMES:
                 limits.check_seconds(declared / sr, source)
-            # Never read more than the limit allows, whatever the header said.
-            cap = -1 if limits.max_seconds is None else int(limits.max_seconds * sr) + sr
+                limits.check_samples(channels, declared, source)
+            # Never read more than the limits allow, whatever the header said (it may say nothing).
+            caps = []
+            if limits.max_seconds is not None:
+                caps.append(int(limits.max_seconds * sr) + sr)
+            if limits.max_samples is not None:
+                caps.append(limits.max_samples // channels + 1)
+            cap = min(caps) if caps else -1
             wav = f.read(frames=cap, dtype="float32", always_2d=True)
+            if limits.max_samples is not None:
+                limits.check_samples(channels, len(wav), source)
     except AudioError:
         raise
     except Exception as e:  # LibsndfileError / RuntimeError with terse text
@@ -130,7 +153,7 @@ def _decode_soundfile(data: bytes, source: str, limits: AudioLimits) -> np.ndarr
     if len(wav) == 0:
         raise AudioError(f"{source}: no audio samples could be decoded (empty or truncated file)")
     expected = declared if cap < 0 else min(declared, cap)
-    if declared > 0 and expected - len(wav) > max(sr // 100, expected // 50):
+    if 0 < declared < UNKNOWN_FRAMES and expected - len(wav) > max(sr // 100, expected // 50):
         raise AudioError(
             f"{source}: truncated audio: the header declares {declared} frames but only {len(wav)} could be decoded"
         )
@@ -144,7 +167,11 @@ def _decode_ffmpeg(data: bytes, source: str, limits: AudioLimits, fmt: str | Non
         raise AudioError(
             f"{source}: cannot decode {fmt or 'this'} audio: it needs ffmpeg, which is not installed"
         )
-    cmd = [exe, "-nostdin", "-hide_banner", "-v", "error", "-i", "pipe:0"]
+    # Read the pipe only (no playlist or concat demuxer may open files or URLs), as the named format.
+    cmd = [exe, "-nostdin", "-hide_banner", "-v", "error", "-protocol_whitelist", "pipe"]
+    if fmt is not None:
+        cmd += ["-f", FFMPEG_DEMUXERS.get(fmt, fmt)]
+    cmd += ["-i", "pipe:0"]
     if limits.max_seconds is not None:
         cmd += ["-t", f"{limits.max_seconds + 1:.3f}"]  # bound the output; over-long input is detected below
     cmd += ["-vn", "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
@@ -187,10 +214,10 @@ def decode_audio_bytes(
         raise
 
 
-def decode_base64_audio(
+def base64_audio_bytes(
     b64: str, fmt: str | None = None, *, source: str = "audio", limits: AudioLimits = NO_LIMITS
-) -> np.ndarray:
-    """Decode base64 text (optionally a ``data:audio/...;base64,`` URL) to 16 kHz mono float32."""
+) -> tuple[bytes, str | None]:
+    """The encoded bytes of base64 text (optionally a ``data:audio/...;base64,`` URL) and its format hint."""
     if not isinstance(b64, str) or not b64.strip():
         raise AudioError(f"{source}: audio data is empty or not a string")
     text = b64.strip()
@@ -205,6 +232,14 @@ def decode_base64_audio(
         raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise AudioError(f"{source}: invalid base64 audio data ({e})") from e
+    return raw, fmt
+
+
+def decode_base64_audio(
+    b64: str, fmt: str | None = None, *, source: str = "audio", limits: AudioLimits = NO_LIMITS
+) -> np.ndarray:
+    """Decode base64 text (optionally a ``data:audio/...;base64,`` URL) to 16 kHz mono float32."""
+    raw, fmt = base64_audio_bytes(b64, fmt, source=source, limits=limits)
     return decode_audio_bytes(raw, fmt, source=source, limits=limits)
 
 

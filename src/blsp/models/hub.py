@@ -431,21 +431,72 @@ def ensure_pad_token(tokenizer: Any) -> None:
     raise ModelLoadError(f"{tokenizer.name_or_path}: tokenizer has no pad, unk or eos token to pad with")
 
 
-def load_llm(ref: str | os.PathLike[str] = DEFAULT_LLM, dtype: torch.dtype | None = None):
-    """``(causal LM in eval mode, tokenizer with a pad token and its chat template)``."""
+QUANTIZATIONS = ("int8", "bnb-8bit", "bnb-4bit")
+
+
+def load_llm(
+    ref: str | os.PathLike[str] = DEFAULT_LLM,
+    dtype: torch.dtype | None = None,
+    quantization: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+):
+    """``(causal LM in eval mode, tokenizer with a pad token and its chat template)``.
+
+    ``quantization`` (inference of the frozen LLM): ``int8`` is torch's dynamic int8 quantization
+    of every ``nn.Linear`` (CPU; weights int8, activations quantized on the fly); ``bnb-8bit`` and
+    ``bnb-4bit`` load through bitsandbytes (CUDA; imported only then). ``device_map`` (e.g.
+    ``"auto"``) spreads an LLM that does not fit one device, through accelerate.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if quantization and quantization.startswith("bnb-"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"quantization {quantization!r} needs a CUDA GPU (bitsandbytes); on CPU use int8"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ModelLoadError(
+                f"quantization {quantization!r} needs bitsandbytes: pip install bitsandbytes"
+            ) from e
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantization == "bnb-8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
+        )
+        kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
     folder = _local_folder(str(ref), "llm")
     src = str(folder or ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(str(ref), folder, "a causal LM", e) from e
     ensure_pad_token(tokenizer)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if quantization == "int8":
+        # torch's own dynamic int8 (fbgemm/onednn kernels). torchao 0.18's int8 configs, its
+        # maintained successor, ran 5-8x slower than fp32 a decode token on this CPU (bench notes).
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(
+                model.float(), {torch.nn.Linear}, dtype=torch.qint8
+            )
     return model.eval(), tokenizer
 
 

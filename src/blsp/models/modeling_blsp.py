@@ -112,15 +112,20 @@ def _read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{weights}: cannot read adapter weights ({e}){hint}") from e
 
 
-def _load_frozen(config: BlspConfig, dtype: torch.dtype | None) -> tuple[SpeechEncoder, nn.Module, Any]:
-    """The frozen encoder, LLM and tokenizer that ``config`` names (fp32 on CPU unless ``dtype``)."""
+def _load_frozen(
+    config: BlspConfig, dtype: torch.dtype | None, **llm_kwargs: Any
+) -> tuple[SpeechEncoder, nn.Module, Any]:
+    """The frozen encoder, LLM and tokenizer that ``config`` names (fp32 unless ``dtype``);
+    ``llm_kwargs``: ``quantization``, ``device_map`` (see ``hub.load_llm``)."""
     from blsp.models.hub import load_llm, load_whisper
 
     dtype = dtype or torch.float32
     whisper, processor = load_whisper(config.encoder, dtype=dtype)
     encoder = SpeechEncoder(whisper.get_encoder(), processor.feature_extractor)
     del whisper  # the decoder is not part of BLSP
-    llm, tokenizer = load_llm(config.llm, dtype=dtype)
+    llm, tokenizer = load_llm(
+        config.llm, dtype=dtype, **{k: v for k, v in llm_kwargs.items() if v is not None}
+    )
     return encoder, llm, tokenizer
 
 
@@ -216,15 +221,29 @@ class BlspModel(PreTrainedModel):
         config: BlspConfig | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
         **overrides: Any,
     ) -> BlspModel:
-        """Load the encoder and LLM named by ``config`` and attach a freshly initialised adapter."""
+        """Load the encoder and LLM named by ``config`` and attach a freshly initialised adapter.
+
+        ``quantization`` (``int8`` on CPU, ``bnb-8bit``/``bnb-4bit`` on CUDA) and ``device_map``
+        (``"auto"``: accelerate spreads the LLM) apply to the frozen LLM, for inference; the
+        encoder and adapter then go to the device of the LLM's input embeddings.
+        """
         config = config or BlspConfig()
         for k, v in overrides.items():
             setattr(config, k, v)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(config, *_load_frozen(config, dtype)).to(device)
+        model = cls(config, *_load_frozen(config, dtype, quantization=quantization, device_map=device_map))
+        if (quantization or "").startswith("bnb-") or device_map is not None:
+            placed = model.llm.get_input_embeddings().weight.device  # accelerate placed the LLM
+            model.encoder.to(placed)
+            model.adapter.to(placed)
+            model.extra.to(placed)
+            return model
+        return model.to(device)
 
     @classmethod
     def from_pretrained(
@@ -259,7 +278,7 @@ class BlspModel(PreTrainedModel):
         dtype = overrides.pop("torch_dtype", None) if dtype is None else dtype
         device_map = overrides.pop("device_map", None)
         if device is None and isinstance(device_map, str | torch.device) and device_map != "auto":
-            device = device_map
+            device, device_map = device_map, None
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
         path, saved, hint = _open_adapter_folder(
@@ -270,7 +289,9 @@ class BlspModel(PreTrainedModel):
             token=token,
         )
         weights = path / ADAPTER_WEIGHTS
-        model = cls.from_config(config or saved, device=device, dtype=dtype, **overrides)
+        model = cls.from_config(
+            config or saved, device=device, dtype=dtype, device_map=device_map, **overrides
+        )
         model.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
         model._load_finetune(path, merge_lora)
         model.name_or_path = str(pretrained_model_name_or_path or path)
@@ -304,7 +325,9 @@ class BlspModel(PreTrainedModel):
             try:
                 self.encoder.whisper.load_state_dict({k: v.to(dtype) for k, v in state.items()})
             except RuntimeError as e:
-                raise ModelLoadError(f"{enc}: encoder weights do not fit {self.config.encoder!r} ({e})") from e
+                raise ModelLoadError(
+                    f"{enc}: encoder weights do not fit {self.config.encoder!r} ({e})"
+                ) from e
 
     def load_adapter(self, path: str | Path | None = None) -> None:
         """Swap in the adapter (and extra heads) of another folder trained for this same config: the

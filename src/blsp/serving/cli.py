@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -18,6 +19,12 @@ def _common(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (serve: 'Authorization: Bearer KEY' on /v1; ui: the login password); "
+        "default: $BLSP_API_KEY, else none",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the model over an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)",
         description="OpenAI-compatible server: POST /v1/chat/completions (text + input_audio parts, stream), "
         "/v1/audio/transcriptions, /v1/audio/translations; GET /v1/models, /health.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(s, 8000)
     s.add_argument(
@@ -43,22 +51,75 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
-    s.add_argument(
+    b = s.add_argument_group(
+        "per-request budgets (checked before any audio is decoded; see docs/SECURITY.md)"
+    )
+    b.add_argument("--max-messages", type=int, default=64, help="messages per chat request")
+    b.add_argument("--max-audio-parts", type=int, default=8, help="audio parts per request")
+    b.add_argument(
+        "--max-total-audio-seconds", type=float, default=300.0, help="audio seconds per request, all clips"
+    )
+    b.add_argument("--max-text-chars", type=int, default=100_000, help="text characters per request")
+    b.add_argument(
+        "--max-audio-samples",
+        type=int,
+        default=16_000_000,
+        help="channels x frames one clip may decode to, read from its header (16M = 64 MB of float32)",
+    )
+    b.add_argument("--decode-workers", type=int, default=2, help="threads that fetch and decode audio")
+    b.add_argument(
+        "--request-timeout-s", type=float, default=300.0, help="deadline of a request, queueing included"
+    )
+    a = s.add_argument_group("access (see docs/SECURITY.md)")
+    a.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept this Host header name too (repeatable); bound to loopback, only localhost, "
+        "127.0.0.1 and [::1] are accepted otherwise (DNS rebinding)",
+    )
+    a.add_argument(
+        "--cors-allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN call the API (repeatable; CORS is off by default)",
+    )
+    a.add_argument(
         "--allow-local-files",
         action="store_true",
-        help="let requests name server-side audio files (audio_url with file:// or a path); off by default",
+        help="let requests name server-side audio files under --local-files-root (off by default)",
     )
-    s.add_argument(
+    a.add_argument(
         "--local-files-root",
-        default="/",
+        default=None,
         metavar="DIR",
-        help="with --allow-local-files: only files under DIR may be read (default: anywhere)",
+        help="with --allow-local-files (required): only files under DIR may be read",
     )
-    s.add_argument("--allow-urls", action="store_true", help="let requests name http(s) audio URLs to fetch")
+    a.add_argument("--allow-urls", action="store_true", help="let requests name http(s) audio URLs to fetch")
+    a.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="with --allow-urls: also fetch from loopback, link-local and private addresses",
+    )
+    a.add_argument(
+        "--url-timeout-s",
+        type=float,
+        default=10.0,
+        help="total time to fetch one audio URL (DNS to last byte)",
+    )
     s.add_argument(
         "--translation-language",
-        default="German",
-        help="target language of /v1/audio/translations (BLSP translates English speech into it)",
+        default="English",
+        help="target language of /v1/audio/translations (English, as OpenAI's; a request may ask for "
+        "another with the form field target_language)",
+    )
+    s.add_argument(
+        "--translation-source-language",
+        default=None,
+        help="source language named in the into-English instruction when a translation request "
+        "gives no 'language' field (default: none named)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=_serve)
@@ -97,10 +158,36 @@ def _serve(args: argparse.Namespace) -> int:
     from blsp.serving.openai_api import ServerSettings
     from blsp.serving.server import serve
 
-    if args.max_tokens_limit < 1 or args.max_batch_size < 1 or args.max_body_mb <= 0:
-        raise BlspError("--max-tokens-limit, --max-batch-size and --max-body-mb must be positive")
-    if args.allow_local_files and not Path(args.local_files_root).is_dir():
-        raise BlspError(f"--local-files-root {args.local_files_root}: not a folder")
+    positive = {
+        "--max-tokens-limit": args.max_tokens_limit,
+        "--max-batch-size": args.max_batch_size,
+        "--max-body-mb": args.max_body_mb,
+        "--max-messages": args.max_messages,
+        "--max-audio-parts": args.max_audio_parts,
+        "--max-total-audio-seconds": args.max_total_audio_seconds,
+        "--max-text-chars": args.max_text_chars,
+        "--max-audio-samples": args.max_audio_samples,
+        "--decode-workers": args.decode_workers,
+        "--request-timeout-s": args.request_timeout_s,
+        "--url-timeout-s": args.url_timeout_s,
+    }
+    bad = [name for name, value in positive.items() if not value > 0]
+    if bad:
+        raise BlspError(f"{', '.join(bad)} must be positive")
+    if args.allow_local_files:
+        if not args.local_files_root:
+            raise BlspError("--allow-local-files needs --local-files-root DIR: the folder requests may read")
+        root = Path(args.local_files_root).resolve()
+        if not root.is_dir():
+            raise BlspError(f"--local-files-root {args.local_files_root}: not a folder")
+        if root == Path(root.anchor):
+            raise BlspError("--local-files-root must name a folder, not the file system's root")
+    from blsp.evaluation.tasks import lang_code
+
+    lang_code(args.translation_language)
+    if args.translation_source_language is not None:
+        lang_code(args.translation_source_language)
+    loopback = ("localhost", "127.0.0.1", "[::1]")
     settings = ServerSettings(
         model_name=args.model_name or resolve_adapter(args.adapter).resolve().name,
         max_batch_size=args.max_batch_size,
@@ -109,10 +196,24 @@ def _serve(args: argparse.Namespace) -> int:
         max_audio_seconds=args.max_audio_seconds,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
-        allow_local_files=args.local_files_root if args.allow_local_files else None,
+        allow_local_files=str(Path(args.local_files_root).resolve()) if args.allow_local_files else None,
         allow_urls=args.allow_urls,
+        allow_private_urls=args.allow_private_urls,
+        url_timeout_s=args.url_timeout_s,
         translation_language=args.translation_language,
+        translation_source_language=args.translation_source_language,
         max_queue=args.max_queue,
+        max_messages=args.max_messages,
+        max_audio_parts=args.max_audio_parts,
+        max_total_audio_seconds=args.max_total_audio_seconds,
+        max_text_chars=args.max_text_chars,
+        max_audio_samples=args.max_audio_samples,
+        decode_workers=args.decode_workers,
+        request_timeout_s=args.request_timeout_s,
+        api_key=args.api_key or os.environ.get("BLSP_API_KEY") or None,
+        # None: the server decides (checked when bound to loopback); names given: always checked
+        allowed_hosts=(*loopback, *args.allowed_host) if args.allowed_host else None,
+        cors_origins=tuple(args.cors_allow_origin),
     )
     pipe = _load(args)
     # Limits of the pipeline are the server's: audio over the limit is refused while decoding.
@@ -122,8 +223,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from blsp.errors import BlspError
     from blsp.serving.ui import launch
 
+    args.api_key = args.api_key or os.environ.get("BLSP_API_KEY") or None
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise BlspError(
+            f"--host {args.host} exposes the demo beyond this machine: set --api-key (or BLSP_API_KEY) "
+            "for a login, or bind to 127.0.0.1"
+        )
     pipe = _load(args, max_new_tokens=args.max_new_tokens)
-    launch(pipe, host=args.host, port=args.port, max_context=args.max_context, examples_dir=args.examples_dir)
+    launch(
+        pipe,
+        host=args.host,
+        port=args.port,
+        max_context=args.max_context,
+        examples_dir=args.examples_dir,
+        api_key=args.api_key,
+    )
     return 0

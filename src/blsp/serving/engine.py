@@ -8,7 +8,11 @@ them by sampling settings and runs one ``generate`` per group. Rows keep their o
 
 Streaming jobs are batched like the others: each streamed row has its own sink that hands text
 pieces to the request's asyncio queue (``loop.call_soon_threadsafe``). A client that goes away
-sets the job's cancel event and its row stops at the next step.
+sets the job's cancel event (``BatchEngine.cancel``): a queued job leaves the queue count at once
+and is skipped, a running row stops at the next step.
+
+Liveness: if the worker thread dies, every waiting and running job fails with
+``EngineUnavailable`` and so does every later ``submit`` (the server answers 503 at once).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 class QueueFullError(BlspError):
     """The server has more waiting requests than it accepts."""
+
+
+class EngineUnavailable(BlspError):
+    """The model worker is not running (it stopped or died)."""
 
 
 @dataclass
@@ -105,7 +113,12 @@ class BatchEngine:
         self._stopping = threading.Event()
         self.batch_sizes: Counter[int] = Counter()
         self.jobs_done = 0
+        self.jobs_cancelled = 0
         self.busy = False
+        self._lock = threading.Lock()
+        self._waiting: set[int] = set()  # ids of queued jobs not yet taken nor cancelled
+        self._current: list[Job] = []
+        self.died: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -122,15 +135,24 @@ class BatchEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def check_alive(self) -> None:
+        """Raise ``EngineUnavailable`` unless the worker is running."""
+        if not self.alive:
+            raise EngineUnavailable(
+                f"the model worker is not running ({self.died or 'stopped'}); the server cannot answer"
+            )
 
     def stats(self) -> dict[str, Any]:
         n = sum(self.batch_sizes.values())
         rows = sum(k * v for k, v in self.batch_sizes.items())
         return {
-            "queued": self._q.qsize(),
+            "queued": len(self._waiting),
             "busy": self.busy,
+            "alive": self.alive,
             "jobs_done": self.jobs_done,
+            "jobs_cancelled": self.jobs_cancelled,
             "batches": n,
             "mean_batch_size": round(rows / n, 3) if n else 0.0,
             "max_batch_size": self.max_batch_size,
@@ -142,21 +164,60 @@ class BatchEngine:
         self, conversation: list[dict[str, Any]], params: GenerationParams, stream: bool = False
     ) -> Job:
         """Queue a job (call from the event loop); await ``job.future`` or read ``job.events``."""
-        if self._q.qsize() >= self.max_queue:
-            raise QueueFullError(f"the server has {self.max_queue} requests waiting; try again later")
+        self.check_alive()
         loop = asyncio.get_running_loop()
         job = Job(conversation, params, loop, stream=stream, future=loop.create_future())
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the server has {self.max_queue} requests waiting (--max-queue); try again later"
+                )
+            self._waiting.add(id(job))
         if stream:
             job.events = asyncio.Queue()
         self._q.put(job)
         return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: a queued one frees its place in the queue now, a running row stops at its next step."""
+        if not job.cancel.is_set():
+            job.cancel.set()
+            with self._lock:
+                self._waiting.discard(id(job))
+
+    def _take(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.discard(id(job))
+
+    def check_prompt(self, conversation: list[dict[str, Any]], max_new_tokens: int) -> int:
+        """Positions the prompt will take, from sample counts only; raises ``BlspError`` if it will not fit.
+
+        Audio parts are ``{"type": "audio", "samples": n}`` (16 kHz); nothing is featurised: each
+        stands in as an empty ``[0, n // hop]`` feature tensor, which the prompt counts by frames.
+        """
+        import torch
+
+        hop = int(self.model.encoder.feature_extractor.hop_length)
+
+        def stand_in(part: dict[str, Any]) -> dict[str, Any]:
+            if part.get("type") != "audio":
+                return part
+            return {"type": "audio", "audio": torch.empty((0, int(part["samples"]) // hop)), "key": "-"}
+
+        conv = [
+            m if isinstance(m["content"], str) else {**m, "content": [stand_in(p) for p in m["content"]]}
+            for m in conversation
+        ]
+        example = prepare_conversation(self.model, conv, source="messages")
+        check_fits(self.model, example, max_new_tokens)
+        return example.prompt_tokens
 
     async def run(self, conversation: list[dict[str, Any]], params: GenerationParams) -> GenerationResult:
         job = self.submit(conversation, params)
         try:
             return await job.future
         finally:
-            job.cancel.set()  # no-op when finished; stops the row when the request was cancelled
+            self.cancel(job)  # no-op when finished; stops the row when the request was cancelled
 
     # ------------------------------------------------------------------ worker
     def _collect(self, first: Job) -> list[Job]:
@@ -176,6 +237,7 @@ class BatchEngine:
             if job is None:
                 self._stopping.set()
                 break
+            self._take(job)
             batch.append(job)
         return batch
 
@@ -196,27 +258,43 @@ class BatchEngine:
         return True
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            first = self._q.get()
-            if first is None:
-                break
-            batch = self._collect(first)
-            self.busy = True
-            try:
-                self._run_batch(batch)
-            finally:
-                self.busy = False
-        # Fail whatever is still waiting.
-        while True:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.fail(BlspError("the server is shutting down"))
+        reason: BlspError = EngineUnavailable("the server is shutting down")
+        try:
+            while not self._stopping.is_set():
+                first = self._q.get()
+                if first is None:
+                    break
+                self._take(first)
+                self._current = batch = self._collect(first)
+                self.busy = True
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self.busy = False
+                self._current = []
+        except BaseException as e:  # the worker itself failed: nothing can run any more
+            logger.exception("the model worker died")
+            self.died = f"it died: {type(e).__name__}: {e}"
+            reason = EngineUnavailable(f"the model worker died ({type(e).__name__}); restart the server")
+        finally:
+            self._stopping.set()
+            # Fail whatever was running or is still waiting.
+            for job in self._current:
+                job.fail(reason)
+            while True:
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._take(job)
+                    job.fail(reason)
 
     def _run_batch(self, batch: list[Job]) -> None:
-        jobs = [j for j in batch if not j.cancel.is_set() and self._prepare(j)]
+        live = [j for j in batch if not j.cancel.is_set()]
+        self.jobs_cancelled += len(batch) - len(live)  # their clients went away while they waited
+        jobs = [j for j in live if self._prepare(j)]
+        self._current = jobs
         groups: dict[tuple, list[Job]] = {}
         for j in jobs:
             groups.setdefault(j.params.batch_key, []).append(j)

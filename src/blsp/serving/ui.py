@@ -165,8 +165,11 @@ def launch(
     port: int = 7860,
     max_context: int | None = None,
     examples_dir: str | Path | None = None,
+    api_key: str | None = None,
 ) -> None:
-    """Build the demo and serve it until interrupted."""
+    """Build the demo and serve it until interrupted; with ``api_key``, a login whose password is the key."""
+    import hmac
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     clips = example_clips(examples_dir)
     demo = build_demo(pipeline, max_context=max_context, clips=clips)
@@ -178,5 +181,9 @@ def launch(
         show_error=True,
         ssr_mode=False,
         allowed_paths=sorted({str(p.parent) for p in clips.values()}),
+        auth=(lambda user, password: hmac.compare_digest(password.encode(), api_key.encode()))
+        if api_key
+        else None,
+        auth_message="Any user name; the password is the server's API key." if api_key else None,
         quiet=False,
     )
