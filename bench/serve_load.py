@@ -1,8 +1,10 @@
-"""Load test of `blsp serve` on loopback: N concurrent clients, batching on vs off, in one run.
+"""Load test of `blsp serve` on loopback: N concurrent clients, continuous vs static batching, in one run.
 
-Starts the server twice (``--max-batch-size B`` and ``--max-batch-size 1``), sends the same
-bounded set of streamed chat-completion requests with an audio part from ``--clients``
-concurrent clients, and prints throughput, p50/p95 latency and time to first token side by side.
+Starts the server once per mode (``--modes``, default ``continuous,static``: ``--batching
+continuous`` and ``--batching static`` with ``--max-batch-size B``; ``off`` is static with
+``--max-batch-size 1``), sends the same bounded set of streamed chat-completion requests with an
+audio part from ``--clients`` concurrent clients, and prints throughput, p50/p95 latency and
+time to first token side by side (with the ratio of the first two modes).
 
 ``--mixed`` instead starts one batching server and runs the same normal load twice: alone, then
 with ``--hostile-clients`` threads sending hostile requests back to back (a FLAC decompression
@@ -11,7 +13,8 @@ oversized body, unsupported parameters). It reports the normal requests' p50/p95
 and without the hostile traffic, and how the hostile ones were answered (status codes, time).
 
     .venv/bin/python bench/serve_load.py                       # untrained whisper-base + smollm2 adapter
-    .venv/bin/python bench/serve_load.py --adapter runs/blsp/final --clients 8 --requests 64
+    .venv/bin/python bench/serve_load.py --adapter blsp-base   # the shipped adapter
+    .venv/bin/python bench/serve_load.py --adapter runs/blsp/final --clients 8 --requests 64 --modes continuous,off
     .venv/bin/python bench/serve_load.py --mixed --requests 8  # normal latency under hostile traffic
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import shutil
 import socket
@@ -84,7 +88,7 @@ def untrained_adapter(folder: Path) -> Path:
 
 
 def start_server(
-    adapter: Path, batch: int, wait_ms: float, max_tokens: int, log: Path
+    adapter: Path, batch: int, wait_ms: float, max_tokens: int, log: Path, batching: str = "continuous"
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     exe = Path(sys.executable).with_name("blsp")
@@ -98,6 +102,8 @@ def start_server(
         str(batch),
         "--batch-wait-ms",
         str(wait_ms),
+        "--batching",
+        batching,
         "--max-tokens-limit",
         str(max_tokens),
         "--log-level",
@@ -334,9 +340,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=16, help="requests per mode")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching run")
-    ap.add_argument("--wait-ms", type=float, default=10.0, help="--batch-wait-ms of the batching run")
-    ap.add_argument("--modes", default="on,off", help="on, off or on,off")
+    ap.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching runs")
+    ap.add_argument("--wait-ms", type=float, default=10.0, help="--batch-wait-ms of the batching runs")
+    ap.add_argument(
+        "--modes",
+        default="continuous,static",
+        help="comma-separated: continuous, static (both with --batch-size), off (static, batch 1)",
+    )
     ap.add_argument("--mixed", action="store_true", help="normal load with and without hostile requests")
     ap.add_argument("--hostile-clients", type=int, default=2, help="with --mixed: hostile sender threads")
     args = ap.parse_args()
@@ -349,10 +359,21 @@ def main() -> int:
         if args.mixed:
             mixed(args, adapter, clips, work)
             return 0
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        labels = {
+            "continuous": f"continuous (B={args.batch_size})",
+            "static": f"static (B={args.batch_size}, {args.wait_ms:g} ms)",
+            "off": "batching off (B=1)",
+        }
+        if unknown := [m for m in modes if m not in labels]:
+            raise SystemExit(f"unknown --modes {unknown}: use continuous, static, off")
         rows = {}
-        for mode in args.modes.split(","):
-            batch, wait = (args.batch_size, args.wait_ms) if mode == "on" else (1, 0.0)
-            proc, url = start_server(adapter, batch, wait, args.max_tokens, work / f"serve-{mode}.log")
+        for mode in modes:
+            batch, wait = (args.batch_size, args.wait_ms) if mode != "off" else (1, 0.0)
+            batching = "continuous" if mode == "continuous" else "static"
+            proc, url = start_server(
+                adapter, batch, wait, args.max_tokens, work / f"serve-{mode}.log", batching
+            )
             try:
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
                 one_request(httpx.Client(timeout=600), url, model, clips[0], INSTRUCTIONS[0], 4)  # warm up
@@ -364,6 +385,8 @@ def main() -> int:
             res = run["results"]
             e = run["engine"]
             batches = e["batches"] - before["batches"]
+            steps = e.get("decode_steps", 0) - before.get("decode_steps", 0)
+            step_rows = e.get("step_rows", 0) - before.get("step_rows", 0)
             rows[mode] = {
                 "ok": len(res),
                 "errors": len(run["errors"]),
@@ -375,21 +398,20 @@ def main() -> int:
                 "ttft_p50": pct([r["ttft"] for r in res], 50),
                 "ttft_p95": pct([r["ttft"] for r in res], 95),
                 "mean_batch": (e["jobs_done"] - before["jobs_done"]) / batches if batches else 0.0,
+                "rows_per_step": step_rows / steps if steps else float("nan"),
             }
             if run["errors"]:
                 print(f"[{mode}] first error: {run['errors'][0]}", file=sys.stderr)
 
         print(
             f"\nblsp serve load: {args.clients} clients, {args.requests} streamed requests per mode, "
-            f"max_tokens {args.max_tokens}, audio ~3 s, CPU threads {os.cpu_count()}"
+            f"max_tokens {args.max_tokens}, audio ~3 s, adapter {args.adapter or 'untrained'}, "
+            f"CPU threads {os.cpu_count()}"
         )
-        labels = {
-            "on": f"batching on (B={args.batch_size}, {args.wait_ms:g} ms)",
-            "off": "batching off (B=1)",
-        }
+        a, b = (modes + [None])[:2]
         header = f"{'metric':<14}" + "".join(f"{labels[m]:>30}" for m in rows)
-        if len(rows) == 2:
-            header += f"{'on/off':>10}"
+        if b is not None:
+            header += f"{a[:4] + '/' + b[:4]:>11}"
         print(header)
         for key, fmt in [
             ("ok", "{:.0f}"),
@@ -402,11 +424,15 @@ def main() -> int:
             ("ttft_p50", "{:.2f}"),
             ("ttft_p95", "{:.2f}"),
             ("mean_batch", "{:.2f}"),
+            ("rows_per_step", "{:.2f}"),
         ]:
             line = f"{key:<14}" + "".join(f"{fmt.format(rows[m][key]):>30}" for m in rows)
-            if len(rows) == 2 and rows["off"][key]:
-                line += f"{rows['on'][key] / rows['off'][key]:>10.2f}"
+            if b is not None and rows[b][key] and math.isfinite(rows[a][key] / rows[b][key]):
+                line += f"{rows[a][key] / rows[b][key]:>11.2f}"
             print(line)
+        print(
+            "(mean_batch: requests per batch, continuous: per admission wave; rows_per_step: continuous only)"
+        )
         print("(latency and TTFT in seconds; ratios > 1 are better for req/s and tok/s, worse for times)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

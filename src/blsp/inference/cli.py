@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--audio-key", default="audio", help="manifest field holding the audio path")
     _gen_args(g, 128)
+    from blsp.inference.vllm_engine import add_backend_args
+
+    add_backend_args(g)
     g.set_defaults(func=_generate)
 
     c = sub.add_parser(
@@ -104,7 +107,16 @@ def _generate(args: argparse.Namespace) -> int:
         instruction = task_instruction(args.task)
     if args.batch_size < 1:
         raise BlspError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.backend == "vllm":
+        from blsp.inference.vllm_engine import import_vllm
+
+        import_vllm()  # a clear error before the model loads
     pipe = _pipeline(args)
+    generate = None
+    if args.backend == "vllm":  # blsp embeds each batch; vLLM decodes it
+        from blsp.inference.vllm_engine import VllmGenerator, backend_kwargs
+
+        generate = VllmGenerator(pipe.model, backend_kwargs(args, pipe.model)).generate_prepared
     stats = run_generate_job(
         pipe.model,
         args.manifest,
@@ -115,6 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
         limits=pipe.limits,
         audio_key=args.audio_key,
         progress=sys.stderr.isatty(),
+        generate=generate,
     )
     print(
         f"generate: {stats.written} written, {stats.done_before} already done, {stats.skipped} skipped "

@@ -6,7 +6,10 @@ not, and must stop a row whose client went away. Here every row carries its own
 ``GenerationParams``; a ``RowStopper`` (a ``transformers`` ``StoppingCriteria``) ends each row on
 its end-of-turn token, its stop strings, its token budget or its cancel event, and a
 ``RowStreamer`` (a ``transformers`` ``BaseStreamer``) hands each streamed row its text as it grows.
-Rows that sample must share temperature and top_p (``GenerationParams.batch_key``).
+Rows that sample must share temperature and top_p (``GenerationParams.batch_key``). Both decide
+through the same per-row helpers (``row_finish_reason``, ``RowText``, ``row_result``), which
+``DecodeRow`` also uses for a row decoded step by step outside ``generate`` (the server's
+continuous batching), so its answer is the one ``generate`` gives.
 
 The batch job of ``blsp generate`` (manifest in, JSON Lines out, resumable) is here too.
 """
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+SAMPLING_TOP_K = 50  # transformers' generate() default, applied when sampling
 
 
 @dataclass(frozen=True)
@@ -209,14 +213,19 @@ class StreamTextFilter:
         if hit:
             self.stopped = True
             return text.rstrip()
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        text = text[: len(text) - hold].rstrip("\ufffd").rstrip()
-        return text
+
+        def held(t: str) -> str:  # ``t`` less a tail that may start a stop string
+            hold = 0
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(t)), 0, -1):
+                    if t.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            return t[: len(t) - hold]
+
+        # A partial character at the end hides a stop string's start ("a" + half of "é" for "aé").
+        safe = min(held(text.rstrip("\ufffd")), held(text).rstrip("\ufffd"), key=len)
+        return safe.rstrip()
 
     def feed(self, raw: str) -> str:
         """Give the whole text decoded so far; returns the new part that is safe to show."""
@@ -240,12 +249,186 @@ class StreamTextFilter:
         return delta
 
 
+# --------------------------------------------------------------------------- per-row decisions
+def stop_tail(params: GenerationParams) -> int:
+    """How many trailing tokens to decode when looking for ``params.stop`` strings."""
+    return max((len(s) for s in params.stop), default=0) + 4
+
+
+def row_finish_reason(
+    tokenizer: Any,
+    row: Sequence[int],
+    params: GenerationParams,
+    stop_ids: set[int] | frozenset[int],
+    cancel: threading.Event | None = None,
+    tail: int | None = None,
+) -> str | None:
+    """Why a row whose generated tokens are ``row`` ends now (``FINISH_*``), or None to go on.
+
+    In this order: its last token ends the turn or a stop string appeared, its token budget is
+    spent, its cancel event is set.
+    """
+    ended = bool(row) and row[-1] in stop_ids
+    if not ended and params.stop:
+        text = tokenizer.decode(list(row[-(tail or stop_tail(params)) :]), skip_special_tokens=True)
+        ended = cut_at_stop(text, params.stop)[1]
+    if ended:
+        return FINISH_STOP
+    if len(row) >= params.max_new_tokens:
+        return FINISH_LENGTH
+    if cancel is not None and cancel.is_set():
+        return FINISH_CANCELLED
+    return None
+
+
+def row_result(
+    tokenizer: Any,
+    tokens: Sequence[int],
+    reason: str | None,
+    params: GenerationParams,
+    stop_ids: set[int] | frozenset[int],
+    prompt_tokens: int,
+) -> GenerationResult:
+    """A finished row's ``GenerationResult``: tokens cut at the first end-of-turn token, text at a stop string."""
+    tokens = list(tokens)
+    reason = reason or FINISH_LENGTH
+    cut = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
+    if cut is not None:
+        tokens, reason = tokens[:cut], FINISH_STOP
+    raw = tokenizer.decode(tokens, skip_special_tokens=True)
+    text, hit = finalize_text(raw, params.stop)
+    if hit:
+        reason = FINISH_STOP
+    return GenerationResult(text=text, token_ids=tokens, finish_reason=reason, prompt_tokens=prompt_tokens)
+
+
+class RowText:
+    """One streamed row: decodes its tokens as they come and hands each safe new piece to ``sink``."""
+
+    def __init__(
+        self, tokenizer: Any, stops: Iterable[str], sink: Callable[[str], None], stop_ids: Iterable[int] = ()
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.sink = sink
+        self.stop_ids = set(stop_ids)
+        self.filter = StreamTextFilter(stops)
+        self.tokens: list[int] = []
+
+    def put(self, token: int) -> None:
+        """One new token of the row (end-of-turn tokens are not text)."""
+        if token in self.stop_ids:
+            return
+        self.tokens.append(token)
+        delta = self.filter.feed(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if delta:
+            self.sink(delta)
+
+    def finish(self, final_text: str) -> None:
+        """Send what the filter held back, so that the pieces add up to ``final_text``."""
+        if rest := self.filter.finish(final_text):
+            self.sink(rest)
+
+
+class DecodeRow:
+    """One row decoded step by step outside ``generate`` (continuous batching).
+
+    ``push`` each new token: it is streamed (``sink``), then the row's end is decided exactly as
+    ``RowStopper`` decides it inside ``generate``; ``result`` is the same ``GenerationResult``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        params: GenerationParams,
+        stop_token_ids: Iterable[int],
+        prompt_tokens: int,
+        sink: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.stop_ids = set(stop_token_ids)
+        self.prompt_tokens = prompt_tokens
+        self.cancel = cancel
+        self.text = RowText(tokenizer, params.stop, sink, self.stop_ids) if sink is not None else None
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self._tail = stop_tail(params)
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def push(self, token: int) -> bool:
+        """Add the row's next token; True when the row has ended."""
+        self.tokens.append(token)
+        if self.text is not None:
+            self.text.put(token)
+        self.reason = row_finish_reason(
+            self.tokenizer, self.tokens, self.params, self.stop_ids, self.cancel, self._tail
+        )
+        return self.done
+
+    def check_cancel(self) -> bool:
+        """End the row now if its cancel event is set (before spending a step on it)."""
+        if self.reason is None and self.cancel is not None and self.cancel.is_set():
+            self.reason = FINISH_CANCELLED
+        return self.done
+
+    def result(self) -> GenerationResult:
+        """The row's answer; a streamed row also gets the rest of its text."""
+        r = row_result(
+            self.tokenizer, self.tokens, self.reason, self.params, self.stop_ids, self.prompt_tokens
+        )
+        if self.text is not None:
+            self.text.finish(r.text)
+        return r
+
+
+def sampling_warpers(temperature: float, top_p: float) -> Any:
+    """The logits warpers ``generate`` applies when sampling with these settings (its default top-k too)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    warpers.append(TopKLogitsWarper(SAMPLING_TOP_K))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def next_tokens(logits: Any, params: Sequence[GenerationParams]) -> list[int]:
+    """Each row's next token from its last-position logits ``[rows, vocab]``: greedy or sampled per row."""
+    import torch
+
+    logits = logits.float()
+    out = logits.argmax(-1).tolist()
+    for i, p in enumerate(params):
+        if p.do_sample:
+            scores = sampling_warpers(p.temperature, p.top_p)(None, logits[i : i + 1])
+            out[i] = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+    return out
+
+
+def embed_prompts(model: Any, examples: Sequence[PreparedExample]) -> tuple[Any, Any]:
+    """Left-padded input embeddings ``[rows, length, dim]`` and attention mask of prepared examples."""
+    batch = model.collate([{"conversation": ex.conversation} for ex in examples], padding_side="left")
+    embeds = model.embed(
+        batch["input_ids"],
+        batch["speech_mask"],
+        batch.get("input_features"),
+        batch.get("feature_lengths"),
+    )
+    return embeds, batch["attention_mask"].to(model.device)
+
+
 # --------------------------------------------------------------------------- criteria and streamer
 def _stopper_class():
     from transformers import StoppingCriteria
 
     class RowStopper(StoppingCriteria):
-        """Per-row stopping: end-of-turn token, stop strings, own token budget, cancel event."""
+        """Per-row stopping inside ``generate``: ``row_finish_reason`` for each row still running."""
 
         def __init__(
             self,
@@ -263,10 +446,7 @@ def _stopper_class():
             self.step = 0
             self.finish_step: list[int | None] = [None] * len(self.params)
             self.reason: list[str | None] = [None] * len(self.params)
-            self._tail = [max((len(s) for s in p.stop), default=0) + 4 for p in self.params]
-
-        def _finish(self, i: int, reason: str) -> None:
-            self.finish_step[i], self.reason[i] = self.step, reason
+            self._tail = [stop_tail(p) for p in self.params]
 
         def __call__(self, input_ids, scores, **kwargs):
             import torch
@@ -274,21 +454,13 @@ def _stopper_class():
             self.step += 1
             new = input_ids[:, self.start :]
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            rows = new.tolist()
-            for i, row in enumerate(rows):
+            for i, row in enumerate(new.tolist()):
                 if self.finish_step[i] is None:
-                    p = self.params[i]
-                    cancel = self.cancels[i]
-                    ended = bool(row) and row[-1] in self.stop_ids
-                    if not ended and p.stop:
-                        tail = self.tokenizer.decode(row[-self._tail[i] :], skip_special_tokens=True)
-                        ended = cut_at_stop(tail, p.stop)[1]
-                    if ended:
-                        self._finish(i, FINISH_STOP)
-                    elif len(row) >= p.max_new_tokens:
-                        self._finish(i, FINISH_LENGTH)
-                    elif cancel is not None and cancel.is_set():
-                        self._finish(i, FINISH_CANCELLED)
+                    reason = row_finish_reason(
+                        self.tokenizer, row, self.params[i], self.stop_ids, self.cancels[i], self._tail[i]
+                    )
+                    if reason is not None:
+                        self.finish_step[i], self.reason[i] = self.step, reason
                 done[i] = self.finish_step[i] is not None
             return done
 
@@ -299,7 +471,7 @@ def _streamer_class():
     from transformers.generation.streamers import BaseStreamer
 
     class RowStreamer(BaseStreamer):
-        """Streams each row's growing text to its sink, through a ``StreamTextFilter``.
+        """Streams each row's growing text to its sink (a ``RowText`` per streamed row).
 
         ``sinks[i]`` is called with each new text piece of row ``i`` (None: row not streamed).
         Tokens a row receives after it finished (padding) are ignored.
@@ -308,11 +480,12 @@ def _streamer_class():
         def __init__(
             self, tokenizer: Any, stopper: Any, sinks: Sequence[Callable[[str], None] | None]
         ) -> None:
-            self.tokenizer = tokenizer
             self.stopper = stopper
-            self.sinks = list(sinks)
-            self.filters = [StreamTextFilter(p.stop) for p in stopper.params]
-            self.tokens: list[list[int]] = [[] for _ in self.sinks]
+            self.rows = [
+                RowText(tokenizer, p.stop, sink, stopper.stop_ids) if sink is not None else None
+                for p, sink in zip(stopper.params, sinks, strict=True)
+            ]
+            self.filters = [r.filter if r is not None else StreamTextFilter(()) for r in self.rows]
             self.prompt_seen = False
             self.step = 0
 
@@ -321,19 +494,10 @@ def _streamer_class():
                 self.prompt_seen = True
                 return
             self.step += 1
-            values = value.reshape(-1).tolist()
-            for i, tok in enumerate(values):
-                sink = self.sinks[i]
+            for i, tok in enumerate(value.reshape(-1).tolist()):
                 fs = self.stopper.finish_step[i]
-                if sink is None or (fs is not None and fs < self.step):
-                    continue
-                if tok in self.stopper.stop_ids:
-                    continue
-                self.tokens[i].append(tok)
-                raw = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-                delta = self.filters[i].feed(raw)
-                if delta:
-                    sink(delta)
+                if self.rows[i] is not None and (fs is None or fs >= self.step):
+                    self.rows[i].put(tok)
 
         def end(self) -> None:
             pass
@@ -372,17 +536,11 @@ def generate_prepared(
     if streamer is not None and sinks is None and len(examples) != 1:
         raise BlspError("a transformers streamer supports one example at a time")
 
-    batch = model.collate([{"conversation": ex.conversation} for ex in examples], padding_side="left")
     stopper = _stopper_class()(model.tokenizer, 0, params, model.prompt.stop_token_ids, cancels)
     if sinks is not None:
         streamer = _streamer_class()(model.tokenizer, stopper, sinks)
     with torch.inference_mode():
-        embeds = model.embed(
-            batch["input_ids"],
-            batch["speech_mask"],
-            batch.get("input_features"),
-            batch.get("feature_lengths"),
-        )
+        embeds, attention_mask = embed_prompts(model, examples)
         gen = model.generation_config(
             max(p.max_new_tokens for p in params),
             do_sample=do_sample,
@@ -391,7 +549,7 @@ def generate_prepared(
         )
         out = model.llm.generate(
             inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"].to(model.device),
+            attention_mask=attention_mask,
             generation_config=gen,
             stopping_criteria=[stopper],
             streamer=streamer,
@@ -401,25 +559,18 @@ def generate_prepared(
         for i, (row, ex) in enumerate(zip(out.tolist(), examples, strict=True))
     ]
     if sinks is not None:  # what the filters held back (a stop-string look-alike at the very end)
-        for i, sink in enumerate(sinks):
-            if sink is not None and (rest := streamer.filters[i].finish(results[i].text)):
-                sink(rest)
+        for row, result in zip(streamer.rows, results, strict=True):
+            if row is not None:
+                row.finish(result.text)
     return results
 
 
 def _finish_row(model: Any, row: list[int], stopper: Any, i: int, prompt_tokens: int) -> GenerationResult:
     fs = stopper.finish_step[i]
-    reason = stopper.reason[i] or FINISH_LENGTH
     tokens = row[: fs if fs is not None else len(row)]
-    stop_ids = stopper.stop_ids
-    cut = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
-    if cut is not None:
-        tokens, reason = tokens[:cut], FINISH_STOP
-    raw = model.tokenizer.decode(tokens, skip_special_tokens=True)
-    text, hit = finalize_text(raw, stopper.params[i].stop)
-    if hit:
-        reason = FINISH_STOP
-    return GenerationResult(text=text, token_ids=tokens, finish_reason=reason, prompt_tokens=prompt_tokens)
+    return row_result(
+        model.tokenizer, tokens, stopper.reason[i], stopper.params[i], stopper.stop_ids, prompt_tokens
+    )
 
 
 def generate_grouped(
@@ -462,8 +613,12 @@ def run_generate_job(
     limits: Any = None,
     audio_key: str = "audio",
     progress: bool = True,
+    generate: Any = None,
 ) -> JobStats:
     """Answer every line of a JSON Lines manifest and append the answers to ``out_path``.
+
+    ``generate``: the batch generator (``generate_prepared``'s signature), e.g. a
+    ``VllmGenerator``'s; blsp's own by default.
 
     A line needs ``id`` and ``audio`` (a path, relative to the manifest's folder, optionally
     ``path:start:num``); its own ``instruction`` field wins over ``instruction``. Output rows are
@@ -549,7 +704,7 @@ def run_generate_job(
                 prepared.append(ex)
                 rows.append({**obj, "instruction": instr})
             if prepared:
-                results = generate_prepared(model, prepared, params)
+                results = (generate or generate_prepared)(model, prepared, params)
                 for row, res in zip(rows, results, strict=True):
                     row["response"] = res.text
                 stats.written += out.append(rows)

@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="how long a request waits for batch company"
     )
+    s.add_argument(
+        "--batching",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="continuous: requests join a running batch at its next step; static: a batch runs to its end",
+    )
     s.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body")
     s.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
@@ -122,6 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gives no 'language' field (default: none named)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from blsp.inference.vllm_engine import add_backend_args
+
+    add_backend_args(s)  # --backend vllm: blsp embeds, vLLM decodes (docs/SCALING.md)
     s.set_defaults(func=_serve)
 
     u = sub.add_parser(
@@ -158,6 +167,10 @@ def _serve(args: argparse.Namespace) -> int:
     from blsp.serving.openai_api import ServerSettings
     from blsp.serving.server import serve
 
+    if args.backend == "vllm":
+        from blsp.inference.vllm_engine import import_vllm
+
+        import_vllm()  # a clear error before the model loads
     positive = {
         "--max-tokens-limit": args.max_tokens_limit,
         "--max-batch-size": args.max_batch_size,
@@ -218,7 +231,20 @@ def _serve(args: argparse.Namespace) -> int:
     pipe = _load(args)
     # Limits of the pipeline are the server's: audio over the limit is refused while decoding.
     pipe.limits = settings.audio_limits
-    serve(pipe, settings, host=args.host, port=args.port, log_level=args.log_level)
+    factory = None
+    if args.backend == "vllm":
+        from blsp.inference.vllm_engine import backend_kwargs, vllm_engine_factory
+
+        factory = vllm_engine_factory(backend_kwargs(args, pipe.model))
+    serve(
+        pipe,
+        settings,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        batching=args.batching,
+        engine_factory=factory,
+    )
     return 0
 
 

@@ -14,10 +14,14 @@ Endpoints:
   for another; ``language`` names the source, default ``--translation-source-language``, else none named).
 - ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
 
-Batching: requests that arrive within ``--batch-wait-ms`` of each other (up to
-``--max-batch-size``) run as one batched ``generate``, streamed and non-streamed alike; each
-keeps its own ``max_tokens`` and ``stop``. Requests with different ``temperature``/``top_p``
-run in separate batches. ``--max-batch-size 1`` turns batching off.
+Batching (``--batching``, default ``continuous``): one model worker decodes up to
+``--max-batch-size`` requests together, streamed and non-streamed alike; each keeps its own
+``max_tokens``, ``stop`` and sampling settings. Continuous: a request joins the running batch at
+its next decode step (its prompt is prefilled, its first token streamed at once, its KV cache
+joined to the batch's) and leaves it when it ends. Static: requests that arrive within
+``--batch-wait-ms`` of each other run as one batched ``generate`` until its longest row ends
+(different ``temperature``/``top_p`` in separate batches); later ones wait. An idle server waits
+``--batch-wait-ms`` for company either way. ``--max-batch-size 1`` turns batching off.
 
 Hardening (docs/SECURITY.md lists every limit, its flag and default): every failure answers in
 the OpenAI error shape with a 4xx/5xx status, a catch-all handler included. Request bodies are
@@ -252,12 +256,20 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(pipeline: Any, settings: ServerSettings) -> Any:
-    """The FastAPI application serving ``pipeline`` under ``settings`` (the engine starts with it)."""
-    from blsp.serving.engine import BatchEngine
+def create_app(
+    pipeline: Any, settings: ServerSettings, batching: str = "continuous", engine_factory: Any = None
+) -> Any:
+    """The FastAPI application serving ``pipeline`` under ``settings`` (the engine starts with it).
 
-    engine = BatchEngine(
+    ``batching``: ``"continuous"`` (requests join a running batch) or ``"static"``.
+    ``engine_factory``: builds the engine instead of blsp's own (``make_engine``'s signature),
+    e.g. the vLLM engine of ``blsp.inference.vllm_engine``.
+    """
+    from blsp.serving.engine import make_engine
+
+    engine = (engine_factory or make_engine)(
         pipeline,
+        batching,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         max_queue=settings.max_queue,
@@ -621,13 +633,15 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    batching: str = "continuous",
+    engine_factory: Any = None,
 ) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted (``batching``, ``engine_factory``: see ``create_app``)."""
     import uvicorn
 
     if settings.allowed_hosts is None and host in ("127.0.0.1", "localhost", "::1"):
         settings = replace(settings, allowed_hosts=LOOPBACK_HOSTS)  # bound to loopback: DNS rebinding
-    app = create_app(pipeline, settings)
+    app = create_app(pipeline, settings, batching, engine_factory)
     config = uvicorn.Config(
         app,
         host=host,
@@ -638,10 +652,11 @@ def serve(
     )
     server = uvicorn.Server(config)
     logger.info(
-        "serving %s on http://%s:%d/v1 (batch <= %d, wait %g ms)",
+        "serving %s on http://%s:%d/v1 (%s batching, batch <= %d, wait %g ms)",
         settings.model_name,
         host,
         port,
+        app.state.engine.batching,
         settings.max_batch_size,
         settings.batch_wait_ms,
     )

@@ -2,7 +2,9 @@
 
 Runs one recipe (configs/*.yaml): BLSP adapter training (``ce``/``kl``/``ce+kl``), the ASR-
 pretraining and CTC baselines, LoRA fine-tuning, or stage-1 instruction tuning. Under
-``torchrun --nproc_per_node N -m blsp.cli train ...`` (or ``accelerate launch``) it trains with DDP.
+``accelerate launch --config_file configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml -m blsp.cli train ...``
+it trains on several processes with DDP, FSDP or DeepSpeed ZeRO (``torchrun --nproc_per_node N``:
+DDP); see docs/SCALING.md.
 """
 
 from __future__ import annotations

@@ -180,14 +180,15 @@ class RunConfig:
 
 @dataclass
 class DistributedConfig:
-    """Multi-process training under torchrun / accelerate launch (DDP)."""
+    """Multi-process training under accelerate launch / torchrun (docs/SCALING.md)."""
 
     # auto: nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    # ddp is what this trainer runs. Only the adapter (tens of millions of weights) has gradients and
-    # optimizer state, so ZeRO-1 (the original's DeepSpeed setting) would shard almost nothing; the
-    # notes in configs/blsp_7b_gpu.yaml give FSDP / ZeRO settings for the stages that train the LLM.
-    strategy: Literal["ddp"] = "ddp"
+    # The engine is what the launch chose (accelerate config: configs/accelerate/*.yaml; torchrun
+    # gives DDP). auto accepts any; ddp, fsdp or deepspeed make a launch with another engine an
+    # error (ddp also runs as one process). Adapter training needs no more than DDP: only the
+    # adapter has gradients and optimizer state; FSDP / ZeRO pay off for stage-1 SFT of the LLM.
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
     timeout_s: int = 1800
 
 

@@ -62,6 +62,7 @@ class Task:
     cache: Any = None
     gradient_checkpointing = False
     tokenizer: Any = None  # the LLM's tokenizer
+    saves_frozen = False  # its save writes frozen weights too (gathered under FSDP / ZeRO-3)
 
     def count_tokens(self, text: str) -> int:
         """LLM tokens of ``text`` (no special tokens): what ``data.max_text_tokens`` limits."""
@@ -319,6 +320,7 @@ class SftTask(Task):
     """Stage 1: instruction-tune the LLM (all weights, or LoRA) on Alpaca-style lines."""
 
     name = "sft"
+    saves_frozen = True  # the whole LLM (LoRA merged into it)
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         from blsp.models.hub import load_llm

@@ -1,9 +1,11 @@
-"""The training loop: AdamW on trainable weights, warmup + decay, accumulation, DDP, resume.
+"""The training loop: AdamW on trainable weights, warmup + decay, accumulation, resume.
 
 ``train(cfg, resume=...)`` runs a recipe to the end and returns its summary. The same call under
-``torchrun --nproc_per_node N`` (or ``accelerate launch``) trains with DDP: gloo on CPU, NCCL on
-GPU; each rank takes its share of every global batch (see :class:`~blsp.training.data.BatchPlan`)
-and rank 0 alone writes checkpoints, logs and the final weights.
+``accelerate launch`` or ``torchrun --nproc_per_node N`` trains on N processes with the engine the
+accelerate config chooses (:mod:`blsp.training.engines`): DDP (gloo on CPU, NCCL on GPU), FSDP or
+DeepSpeed ZeRO (GPU). Each rank takes its share of every global batch (see
+:class:`~blsp.training.data.BatchPlan`; accelerate does not shard the data) and rank 0 alone
+writes checkpoints, logs and the final weights.
 
 The loss of a step is the sum of per-token losses over the whole global batch divided by its number
 of target tokens, so 1 process x k accumulation steps and k processes x 1 step give the same update.
@@ -13,21 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import logging
 import math
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from blsp.errors import BlspError
 from blsp.training import checkpoint as ck
+from blsp.training import engines
 from blsp.training.config import Config, config_from_dict
 from blsp.training.data import (
     BatchPlan,
@@ -40,6 +40,7 @@ from blsp.training.data import (
     total_steps,
     worker_init,
 )
+from blsp.training.engines import Dist, init_distributed
 from blsp.training.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -51,68 +52,10 @@ FINAL_DIR = "final"
 
 
 # --------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(cfg: Config) -> Dist:
-    """Join the process group that torchrun / accelerate launch describe in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.train.device
-    if want == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(want)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = cfg.distributed.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s)
-        )
-        if device.type == "cpu":
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
-
-
-def _all_sum(values: list[float], d: Dist) -> list[float]:
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_gather(obj: Any, d: Dist) -> list[Any]:
-    if not d.enabled:
-        return [obj]
-    out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
+# Process setup and the engine-specific parts live in blsp.training.engines (accelerate).
+_all_sum = engines.all_sum
+_all_gather = engines.all_gather
+_barrier = engines.barrier
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -240,19 +183,22 @@ def check_resume_data(ckpt: Path, now: dict[str, Any], accept: bool) -> None:
 
 # --------------------------------------------------------------------------- loop helpers
 class _Wrapper(torch.nn.Module):
-    """Holds the task's loss module; an empty micro-batch gives a zero loss touching every trainable
-    weight so DDP's gradient reduction still takes place on every rank."""
+    """Holds the task's loss module (what the engine wraps). An empty micro-batch gives a zero loss
+    touching every trainable weight so DDP's gradient reduction still takes place on every rank;
+    with sharded weights it runs a stand-in batch at ``weight`` 0 instead, so that every rank runs
+    the same forwards (each gathers weights from all ranks)."""
 
     def __init__(self, loss: torch.nn.Module) -> None:
         super().__init__()
         self.loss = loss
 
-    def forward(self, inputs: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, Any] | None, weight: float = 1.0) -> dict[str, torch.Tensor]:
         if inputs is None:
             params = [p for p in self.loss.parameters() if p.requires_grad]
             zero = sum((p.sum() * 0.0 for p in params), torch.zeros((), device=params[0].device))
             return {"loss_sum": zero, "count": torch.zeros((), device=zero.device)}
-        return self.loss(**inputs)
+        out = self.loss(**inputs)
+        return out if weight == 1.0 else {k: v * weight for k, v in out.items()}
 
 
 class _StepSampler:
@@ -289,7 +235,6 @@ def train(
     loaded ``BlspModel`` to train (ce/kl objectives) in place of the one ``cfg.model`` describes;
     its adapter is updated in place.
     """
-    from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
     from blsp.utils.io import JsonlAppender, atomic_write_json, atomic_write_text
@@ -341,31 +286,25 @@ def train(
         start = 0
         state: dict[str, Any] = {}
         if ckpt is not None:
-            task.load(ckpt / ck.WEIGHTS)
+            task.load(ckpt / ck.WEIGHTS)  # before wrapping: FSDP / ZeRO-3 shard the loaded weights
             state = ck.load_trainer_state(ckpt)
-            optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start = int(state["step"])
             rngs = state.get("rng") or []
             if len(rngs) == d.world_size:
                 ck.set_rng_state(rngs[d.rank])
+        if d.shards_params and getattr(task.loss, "shared_head", False):
+            # the shared-head KV pass is an extra LLM forward on some ranks only; with sharded
+            # weights every rank must run the same forwards (the loss is the same either way)
+            task.loss.shared_head = False
+        module, optimizer = engines.prepare(d, _Wrapper(task.loss), optimizer, cfg, plan.accumulation)
+        if ckpt is not None:
+            engines.load_optimizer_state(d, module, optimizer, state, ckpt)
             if d.main:
                 log.info("resumed from %s at step %d", ckpt, start)
         trainer = _Loop(
             cfg, d, task, plan, optimizer, scheduler, run_dir, total, eval_examples, state, data_fp
         )
-        module = _Wrapper(task.loss)
-        if d.enabled:
-            # frozen weights and buffers are identical on every rank: keep them out of DDP's syncing
-            frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _b in module.named_buffers()]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-            module = DistributedDataParallel(
-                module,
-                device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                broadcast_buffers=False,
-                find_unused_parameters=False,
-            )
         trainer.module = module
         loader = DataLoader(
             _IndexDataset(plan),
@@ -387,8 +326,7 @@ def train(
         _barrier(d)
         return summary
     finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        engines.shutdown(d)
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -424,6 +362,7 @@ class _Loop:
         self.ckpt_dir = run_dir / "checkpoints"
         self.eval_examples = eval_examples
         self.module: torch.nn.Module = task.loss
+        self._stand_in: dict[str, Any] | None = None  # a usable micro-batch (sharded weights only)
         self.params = [p for _n, p in task.trainable()]
         self.history: dict[str, Any] = state.get("history") or {
             "first_loss": None,
@@ -466,39 +405,64 @@ class _Loop:
             return {"loss": float("nan"), "lr": lr, "samples": n_samples, "skipped": n_skipped, "tokens": 0}
         torch.manual_seed(stable_int(cfg.train.seed, "step", step, d.rank) % 2**63)
         self.task.train_mode(True)
+        acc = d.accelerator
         loss_sum, parts, bad_ids = 0.0, {}, []
-        scale = d.world_size / global_count
+        keys: list[str] = []
+        totals: list[float] = []
+        # accelerator.backward divides by the accumulation steps (DeepSpeed: its engine does), and
+        # the engines average gradients over ranks: what remains is sum(token losses) / tokens
+        scale = d.world_size * self.plan.accumulation / global_count
         for j, b in enumerate(batches):
             last = j == len(batches) - 1
-            sync = contextlib.nullcontext() if (last or not d.enabled) else self.module.no_sync()
-            with sync:
-                inputs = self.task.inputs(b) if b["count"] else None
+            acc.sync_gradients = last  # the engines reduce gradients (DeepSpeed: steps) after the last
+            with contextlib.nullcontext() if last else acc.no_sync(self.module):
+                inputs, weight = self._micro_inputs(b)
                 with _autocast(cfg, d.device):
-                    out = self.module(inputs)
+                    out = self.module(inputs, weight)
                 loss = out["loss_sum"]
                 if not torch.isfinite(loss.detach()):
                     bad_ids += b["ids"]
-                (loss * scale).backward()
-            loss_sum += float(loss.detach())
-            for k, v in out.items():
-                if k.endswith("_sum") and k != "loss_sum":
-                    parts[k] = parts.get(k, 0.0) + float(v)
-        keys = sorted(parts)
-        totals = _all_sum([loss_sum, float(len(bad_ids))] + [parts[k] for k in keys], d)
-        if totals[1] > 0:
-            self._fail(step, "non-finite loss", bad_ids)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+                loss_sum += float(loss.detach())
+                for k, v in out.items():
+                    if k.endswith("_sum") and k != "loss_sum":
+                        parts[k] = parts.get(k, 0.0) + float(v)
+                if last:  # checked before the last backward: DeepSpeed updates the weights inside it
+                    keys = sorted(parts)
+                    totals = _all_sum([loss_sum, float(len(bad_ids))] + [parts[k] for k in keys], d)
+                    if totals[1] > 0:
+                        self._fail(step, "non-finite loss", bad_ids)
+                acc.backward(loss * scale)
+        grad_norm = engines.clip_grad_norm(d, self.module, self.params, cfg.train.max_grad_norm)
+        if grad_norm is not None and not math.isfinite(grad_norm):
             self._fail(step, "non-finite gradient norm", [i for b in batches for i in b["ids"]])
         lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": totals[0] / global_count, "grad_norm": float(grad_norm), "lr": lr}
+        norm = float("nan") if grad_norm is None else grad_norm
+        metrics = {"loss": totals[0] / global_count, "grad_norm": norm, "lr": lr}
         for k, v in zip(keys, totals[2:], strict=True):
             metrics[k.removesuffix("_sum")] = v / global_count
         metrics.update(samples=n_samples, skipped=n_skipped, tokens=global_count)
         return metrics
+
+    def _micro_inputs(self, b: dict[str, Any]) -> tuple[dict[str, Any] | None, float]:
+        """The loss inputs of micro-batch ``b`` and its weight (see :class:`_Wrapper`)."""
+        if b["count"]:
+            if self.d.shards_params and self._stand_in is None:
+                self._stand_in = b
+            return self.task.inputs(b), 1.0
+        if not self.d.shards_params:
+            return None, 1.0
+        if self._stand_in is None:  # nothing usable seen yet on this rank: find one example
+            for ex in self.plan.flat:
+                cand = self.task.collate([ex])
+                if cand["count"]:
+                    self._stand_in = cand
+                    break
+            else:
+                raise BlspError("no training example has a target token")
+        return self.task.inputs(self._stand_in), 0.0
 
     def _fail(self, step: int, what: str, ids: list[str]) -> None:
         all_ids = [i for part in _all_gather(ids, self.d) for i in part]
@@ -514,12 +478,16 @@ class _Loop:
     def _eval_loss(self, examples: list[Any]) -> float | None:
         d = self.d
         loss_sum, count = 0.0, 0.0
-        for idx in shard_eval(examples, d.rank, d.world_size, self.cfg.train.micro_batch_size):
-            b = self.task.collate([examples[i] for i in idx])
-            if not b["count"]:
+        shards = shard_eval(examples, d.rank, d.world_size, self.cfg.train.micro_batch_size)
+        if d.shards_params:  # every rank runs as many forwards as the busiest one (stand-ins at weight 0)
+            shards += [[]] * (engines.all_max(len(shards), d) - len(shards))
+        for idx in shards:
+            b = self.task.collate([examples[i] for i in idx]) if idx else {"count": 0, "ids": []}
+            inputs, weight = self._micro_inputs(b)
+            if inputs is None:
                 continue
             with _autocast(self.cfg, d.device):
-                out = self.task.loss(**self.task.inputs(b))
+                out = self.module(inputs, weight)
             loss_sum += float(out["loss_sum"])
             count += float(out["count"])
         loss_sum, count = _all_sum([loss_sum, count], d)
@@ -564,26 +532,39 @@ class _Loop:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
-        rngs = _all_gather(ck.rng_state(), self.d)
-        if not self.d.main:
-            return
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": step,
-            "position": self.plan.position(step),
-            "rng": rngs,
-            "history": self.history,
-            "world_size": self.d.world_size,
-        }
-        meta = {
-            "objective": self.cfg.train.objective,
-            "name": self.cfg.name,
-            "position": list(self.plan.position(step)),
-            "data": self.data_fp,
-        }
-        path = ck.save_checkpoint(self.ckpt_dir, step, self.task.save, state, meta, self.cfg.run.keep_last)
-        log.info("checkpoint %s", path)
+        """Write checkpoint ``step`` (rank 0 writes; every rank takes part in the gathering)."""
+        d = self.d
+        rngs = _all_gather(ck.rng_state(), d)
+        optimizer = engines.optimizer_state(d, self.module, self.optimizer)
+        ds_dir = engines.save_deepspeed(d, self.module, self.ckpt_dir, ck.checkpoint_name(step))
+        with engines.full_weights(d, self.module, self.task.saves_frozen):
+            if not d.main:
+                return
+            state = {
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "step": step,
+                "position": self.plan.position(step),
+                "rng": rngs,
+                "history": self.history,
+                "world_size": d.world_size,
+                "engine": d.engine,
+            }
+            meta = {
+                "objective": self.cfg.train.objective,
+                "name": self.cfg.name,
+                "position": list(self.plan.position(step)),
+                "data": self.data_fp,
+                "engine": d.engine,
+            }
+
+            def save_weights(path: Path) -> None:
+                self.task.save(path)  # the trained weights only (the adapter; the LLM for stage 1)
+                if ds_dir is not None:
+                    os.replace(ds_dir, path.parent / engines.DEEPSPEED_DIR)
+
+            path = ck.save_checkpoint(self.ckpt_dir, step, save_weights, state, meta, self.cfg.run.keep_last)
+            log.info("checkpoint %s", path)
 
     # ------------------------------------------------------------------ run
     def run(self, start: int, batches: Any, logger: Any) -> dict[str, Any]:
@@ -640,13 +621,15 @@ class _Loop:
             if done % cfg.run.save_every == 0 or done == self.total:
                 self.save(done)
         final = self.run_dir / FINAL_DIR
-        if d.main:
-            ck.publish_dir(self.task.save_final, final)
+        with engines.full_weights(d, self.module, self.task.saves_frozen):
+            if d.main:
+                ck.publish_dir(self.task.save_final, final)
         summary = {
             "name": cfg.name,
             "objective": cfg.train.objective,
             "steps": self.total,
             "world_size": d.world_size,
+            "engine": d.engine,
             "global_batch_size": cfg.train.global_batch_size,
             "samples": h["samples"],
             "target_tokens": h["tokens"],
