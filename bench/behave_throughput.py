@@ -77,8 +77,10 @@ def blsp_generator(backend, prompts, settings, batch_size: int) -> list[str]:
 
 
 def main() -> None:
+    from blsp.models.hub import DEFAULT_LLM
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_LLM)
     ap.add_argument("--n", type=int, default=96, help="sentences (default 96)")
     ap.add_argument("--batch-size", type=int, default=32, help="blsp batch size (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -28,8 +28,10 @@ def _timeit(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    from blsp.models.hub import DEFAULT_WHISPER
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoder", default="whisper-base")
+    ap.add_argument("--encoder", default=DEFAULT_WHISPER)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)

@@ -316,9 +316,11 @@ def run_original(args: argparse.Namespace) -> dict:
 
 # --------------------------------------------------------------------------- main
 def main() -> None:
+    from blsp.models.hub import DEFAULT_LLM, DEFAULT_WHISPER
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", default="whisper-base")
-    ap.add_argument("--llm", default="smollm2-135m-instruct")
+    ap.add_argument("--encoder", default=DEFAULT_WHISPER)
+    ap.add_argument("--llm", default=DEFAULT_LLM)
     ap.add_argument("--tiny", action="store_true", help="tiny random models instead of the real ones")
     ap.add_argument(
         "--manifest", help="speech manifest with text (default: shared speechocean762, else espeak)"

@@ -2,6 +2,8 @@
 
 A registering module imports only ``argparse`` and light helpers at import time; heavy work
 (torch, transformers) is imported inside the command's handler so ``blsp --help`` stays fast.
+A command group may name a default sub-command (:func:`set_default_subcommand`): ``blsp eval -s ..``
+is ``blsp eval run -s ..``, ``blsp behave MANIFEST OUT`` is ``blsp behave run MANIFEST OUT``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Sequence
 
 from blsp import __version__
 from blsp.errors import BlspError
@@ -23,12 +26,35 @@ COMMAND_MODULES = (
     "blsp.inference.cli",
     "blsp.serving.cli",
     "blsp.evaluation.cli",
-    "blsp.demo",
+    "blsp.demo.cli",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose sub-commands may have a default, used when none is named."""
+
+    default_subcommand: str | None = None
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self.default_subcommand is not None:
+            args = list(sys.argv[1:] if args is None else args)
+            names = {n for a in self._actions if isinstance(a, argparse._SubParsersAction) for n in a.choices}
+            if not args or (args[0] not in names and args[0] not in ("-h", "--help")):
+                args.insert(0, self.default_subcommand)
+        return super().parse_known_args(args, namespace)
+
+
+def set_default_subcommand(parser: argparse.ArgumentParser, name: str) -> None:
+    """Make ``name`` the sub-command of ``parser`` that runs when the command line names none."""
+    if not hasattr(parser, "default_subcommand"):
+        raise TypeError("set_default_subcommand needs a parser made by blsp.cli.build_parser")
+    parser.default_subcommand = name
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="blsp",
         description="BLSP: teach an instruction-following LLM to understand speech by behavior alignment.",
     )

@@ -12,7 +12,7 @@ from blsp.behaviors.generate import (
     BehaveOptions,
     BehaviorJob,
     prompt_fingerprint,
-    read_manifest,
+    read_inputs,
     resolve_behavior,
     run_behave,
     shard_path,
@@ -101,7 +101,7 @@ def test_read_manifest_skips_and_counts_bad_lines(tmp_path):
         )
         + "\n"
     )
-    m = read_manifest(path, out_dir=tmp_path / "out")
+    m = read_inputs(path, out_dir=tmp_path / "out")
     assert [it.id for it in m.items] == ["a", "7", "c"]
     assert m.lines == 7 and dict(m.skipped) == {
         "bad_line": 1,
@@ -122,7 +122,7 @@ def test_txt_manifest(tmp_path):
     path.write_text(
         "The birch canoe slid on the smooth planks.\n\nGlue the sheet to the dark blue background.\n"
     )
-    m = read_manifest(path)
+    m = read_inputs(path)
     assert [(it.id, it.text) for it in m.items] == [
         ("harvard-1", "The birch canoe slid on the smooth planks."),
         ("harvard-3", "Glue the sheet to the dark blue background."),
@@ -315,12 +315,9 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dirs, manifest, tmp_pat
 
 
 def test_cli_merge_reports_missing_ids_with_its_exit_code(tiny_dirs, manifest, tmp_path, capsys):
-    import argparse
+    from blsp.cli import build_parser
 
-    from blsp.behaviors import cli
-
-    parser = argparse.ArgumentParser(prog="blsp")
-    cli.register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "cw.jsonl"
     for i in range(2):
         run_behave(opts(tiny_dirs, manifest, out, num_shards=2, shard_index=i, limit=1))
@@ -332,9 +329,12 @@ def test_cli_merge_reports_missing_ids_with_its_exit_code(tiny_dirs, manifest, t
     assert args.func(args) == 1, "ids missing from the shards make merge fail"
     report = json.loads(capsys.readouterr().out)
     assert report["kept"] + sum(report["rejected"].values()) == 2 and report["missing"] == 10
-    with pytest.raises(ConfigError, match="-o"):
-        args = parser.parse_args(["behave", "merge", *shards])
-        args.func(args)
-    with pytest.raises(ConfigError, match="MANIFEST OUT.jsonl"):
-        args = parser.parse_args(["behave", str(manifest)])
-        args.func(args)
+    with pytest.raises(SystemExit):  # the merged file is required
+        parser.parse_args(["behave", "merge", *shards])
+    assert "-o/--output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # MANIFEST without OUT.jsonl
+        parser.parse_args(["behave", str(manifest)])
+    assert "OUT.jsonl" in capsys.readouterr().err
+    args = parser.parse_args(["behave", str(manifest), "o.jsonl", "--limit", "3"])  # run: the default
+    assert (args.behave_command, args.manifest, args.out, args.limit) == ("run", str(manifest), "o.jsonl", 3)
+    assert parser.parse_args(["behave", "run", str(manifest), "o.jsonl"]).func is args.func

@@ -75,7 +75,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(AudioError, match="bad.flac.*cannot read"):
         load_audio(bad)
     with pytest.raises(AudioError, match="<x>"):
-        decode_audio_bytes(b"junk", name="<x>")
+        decode_audio_bytes(b"junk", source="<x>")
 
 
 def test_write_wav_atomic_and_decode_bytes(tmp_path, tone):

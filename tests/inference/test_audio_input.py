@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from blsp.data.audio import AudioLimits, decode_audio_bytes, normalize_format
 from blsp.errors import AudioError
-from blsp.inference.audio_input import (
-    AudioLimits,
-    as_waveform,
-    decode_audio_bytes,
-    decode_base64_audio,
-    normalize_format,
-    read_audio_file,
-)
+from blsp.inference.audio_input import as_waveform, decode_base64_audio, read_audio_file
 
 SR = 16000
 

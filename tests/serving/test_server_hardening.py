@@ -509,7 +509,7 @@ def test_header_budgets_refuse_before_decoding(tmp_path):
         "samples": 3 * 16000 - 1,
     }  # from the header, not decoded
     # The decoder refuses a bomb itself too, whatever the header says.
-    from blsp.inference.audio_input import AudioLimits, decode_audio_bytes
+    from blsp.data.audio import AudioLimits, decode_audio_bytes
 
     with pytest.raises(BlspError, match="samples; the limit is 1000000"):
         decode_audio_bytes(bomb, "flac", limits=AudioLimits(max_samples=1_000_000))

@@ -2,32 +2,50 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from blsp.errors import BlspError, ConfigError
-from blsp.training.config import Config, config_from_dict, load_config
-
-REPO = Path(__file__).resolve().parents[2]
+from blsp.recipes import RECIPES_DIR, list_recipes, recipe_path
+from blsp.training.config import OBJECTIVES, TASKS, Config, config_from_dict, load_config
 
 
 def test_shipped_recipes_load_and_mirror_the_paper():
-    names = {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    names = {r.name for r in list_recipes()}
     assert {"blsp", "blsp_rp", "asr_pretrain", "ctc", "finetune_st_lora", "blsp_7b_gpu"} <= names
-    for path in (REPO / "configs").glob("*.yaml"):
-        assert isinstance(load_config(path), Config)
-    gpu = load_config(REPO / "configs" / "blsp_7b_gpu.yaml").train
+    for r in list_recipes():
+        assert isinstance(load_config(r.name), Config) and r.summary, r.name
+    gpu = load_config("blsp_7b_gpu").train
     assert (gpu.lr, gpu.warmup_steps, gpu.weight_decay, gpu.max_grad_norm) == (5e-5, 1000, 0.05, 1.0)
     assert (gpu.global_batch_size, gpu.epochs, gpu.precision) == (768, 1.0, "bf16")
-    rp = load_config(REPO / "configs" / "blsp_rp.yaml").data.train
+    rp = load_config("blsp_rp.yaml").data.train
     assert [s.weight for s in rp] == [9.0, 1.0] and rp[1].task == "repetition"
-    ft = load_config(REPO / "configs" / "finetune_st_lora.yaml").lora
+    ft = load_config(RECIPES_DIR / "finetune_st_lora.yaml").lora
     assert (
         ft.enabled
         and (ft.r, ft.alpha) == (16, 16)
         and ft.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+
+
+def test_a_recipe_is_a_shipped_name_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found in the package, not in a checkout's working directory
+    assert recipe_path("blsp") == recipe_path("blsp.yaml") == RECIPES_DIR / "blsp.yaml"
+    assert recipe_path("accelerate/ddp").is_file()
+    own = tmp_path / "blsp.yaml"  # a file of that name wins over the shipped recipe
+    own.write_text("name: mine\ndata:\n  train: [{path: a.jsonl}]\n")
+    assert load_config("blsp.yaml").name == "mine" and load_config("blsp").name != "mine"
+    with pytest.raises(ConfigError, match="shipped recipe: 'blsp_default'"):
+        load_config("configs/blsp_default.yaml")  # the old repository path: named in the error
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope")
+    assert {r.name for r in list_recipes(accelerate=True)} == {
+        f"accelerate/{n}" for n in ("ddp", "fsdp", "zero2", "zero3")
+    }
+
+
+def test_allowed_values_come_from_the_literal_types():
+    assert OBJECTIVES == ("ce", "kl", "ce+kl", "ctc", "sft")
+    assert "alpaca" in TASKS and "repetition" in TASKS
 
 
 @pytest.mark.parametrize(

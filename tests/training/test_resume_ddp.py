@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from blsp.recipes import recipe_path
 from blsp.training import checkpoint as ck
 from blsp.training.config import config_from_dict
 from blsp.training.trainer import train
@@ -139,7 +140,7 @@ def test_ddp_two_processes_match_one_process(tiny_recipe, tmp_path):
 
 
 # --------------------------------------------------------------------------- accelerate launch
-ACCELERATE_DDP = REPO / "configs" / "accelerate" / "ddp.yaml"
+ACCELERATE_DDP = recipe_path("accelerate/ddp")
 
 
 def _accelerate_cmd(recipe: Path, nproc: int, *extra: str) -> list[str]:

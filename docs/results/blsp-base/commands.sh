@@ -36,13 +36,13 @@ PY
 # 2. Alignment warm start: CTC against the LLM's own token embeddings (no LLM forward). Stopped at
 #    step 1,400 of 2,000 (44,800 samples, 0.36 h): its held-out CTC loss had flattened (2.67, 2.57,
 #    2.51 at steps 750/1000/1250) while the training loss kept falling.
-blsp train configs/align_ctc.yaml --set data.train.0.path=$W/train.jsonl \
+blsp train align_ctc --set data.train.0.path=$W/train.jsonl \
   --set "data.eval=[{path: $W/eval.jsonl, task: repetition}]" \
   --set run.output_dir=$W/runs/align_ctc --set data.encoder_cache=$W/encoder_cache
 
 # 3a. Behavior alignment (repetition) from the warm start, lr 5e-4. Stopped at step 1,000 (8,000
 #     samples): the held-out matched loss had flattened (2.22, 1.97, 1.88, 1.90 at steps 250-1000).
-blsp train configs/blsp_default.yaml --set data.train.0.path=$W/train.jsonl \
+blsp train blsp_default --set data.train.0.path=$W/train.jsonl \
   --set data.eval.0.path=$W/eval.jsonl \
   --set model.init_from=$W/runs/align_ctc/checkpoints/step-00001400/weights \
   --set run.output_dir=$W/runs/blsp_default --set data.encoder_cache=$W/encoder_cache
@@ -66,11 +66,11 @@ PY
 PHASE2=(--set data.train.0.path=$W/train2.jsonl --set data.eval.0.path=$W/eval.jsonl
   --set run.output_dir=$W/runs/blsp_default_2 --set data.encoder_cache=$W/encoder_cache
   --set train.lr=2e-4 --set train.warmup_steps=20)
-blsp train configs/blsp_default.yaml "${PHASE2[@]}" \
+blsp train blsp_default "${PHASE2[@]}" \
   --set model.init_from=$W/runs/blsp_default/checkpoints/step-00001000/weights
-#     ... continue it after an interruption:          blsp train configs/blsp_default.yaml "${PHASE2[@]}" --set model.init_from=... --resume
+#     ... continue it after an interruption:          blsp train blsp_default "${PHASE2[@]}" --set model.init_from=... --resume
 #     ... or, once runs/ is gone, from the shipped weights (a new run; AdamW restarts):
-#     blsp train configs/blsp_default.yaml "${PHASE2[@]}" --set run.output_dir=$W/runs/blsp_default_3 \
+#     blsp train blsp_default "${PHASE2[@]}" --set run.output_dir=$W/runs/blsp_default_3 \
 #       --set model.init_from=src/blsp/resources/pretrained/blsp-base
 
 # 4. Curve, export, measurement.
@@ -105,7 +105,7 @@ with open("$W/cont_clips.jsonl", "w") as f:
         r = json.loads(line); c = cont.get(r["text"])
         if c: r.update(behavior=c["behavior"], instruction=c["instruction"], response=c["response"]); f.write(json.dumps(r) + "\n")
 PY
-blsp train configs/blsp_default.yaml \
+blsp train blsp_default \
   --set "data.train=[{path: $W/cont_clips.jsonl, task: behavior, weight: 1}, {path: $W/train2.jsonl, task: repetition, weight: 1}]" \
   --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_mix --set data.encoder_cache=$W/encoder_cache \
   --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=1500 \
@@ -115,3 +115,41 @@ blsp eval -s blsp-base=blsp:$W/blsp-base -s blsp-mix=blsp:$W/blsp-mix -s whisper
   -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
   -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
   --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu
+
+# 6. Tried (docs/RECIPES.md, "diverse-instruction behaviors"): step 1 under a pool of general
+#    instructions (src/blsp/resources/behavior_instructions.txt; none is an evaluation task's), each
+#    distinct transcript answered under one of them, echoes dropped, then behaviors : repetition =
+#    1 : 1 from the shipped weights. Session 5 re-created step 1's data without synth2 (train.jsonl =
+#    speechocean762 train + synth + synth_harvard) and, for time, answered under 9 of the 12 instructions
+#    (0, 1, 2, 3, 4, 8, 9, 11, 5 in that order: 00-03 first, then the short-answer ones).
+python - <<PY
+import json, random
+from blsp.instructions import behavior_instructions
+rows = [json.loads(x) for x in open("$W/train.jsonl")]
+texts = list(dict.fromkeys(r["text"] for r in rows)); random.Random(0).shuffle(texts)
+pool = behavior_instructions()
+for k in range(len(pool)):
+    with open(f"$W/uniq_{k:02d}.jsonl", "w") as f:
+        for i, t in enumerate(texts[k::len(pool)]): f.write(json.dumps({"id": f"t{k:02d}-{i:05d}", "text": t}) + "\n")
+PY
+for k in 0 1 2 3 4 8 9 11 5; do
+  kk=$(printf %02d $k)
+  ins=$(python -c "from blsp.instructions import behavior_instructions as b; print(b()[$k])")
+  blsp behave $W/uniq_$kk.jsonl $W/beh_$kk.jsonl --behavior "$ins" --name instr$kk --echo drop --max-new-tokens 48
+done
+python - <<PY
+import json, glob
+beh = {}
+for p in sorted(glob.glob("$W/beh_[0-9][0-9].jsonl")):
+    for x in open(p):
+        r = json.loads(x); beh[r["text"]] = r
+with open("$W/beh_clips.jsonl", "w") as f:
+    for line in open("$W/train.jsonl"):
+        r = json.loads(line); c = beh.get(r["text"])
+        if c: r.update(behavior=c["behavior"], instruction=c["instruction"], response=c["response"]); f.write(json.dumps(r) + "\n")
+PY
+blsp train blsp_default \
+  --set "data.train=[{path: $W/beh_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 1}]" \
+  --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_instr --set data.encoder_cache=$W/encoder_cache \
+  --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=1500 \
+  --set model.init_from=src/blsp/resources/pretrained/blsp-base

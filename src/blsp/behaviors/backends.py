@@ -248,33 +248,6 @@ class TransformersBackend:
         pass
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``auto``: ``cuda:$LOCAL_RANK`` when a GPU is visible, else ``cpu``."""
-    import os
-
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """``auto``: bfloat16 on a GPU that supports it (float16 otherwise), float32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ConfigError(f"dtype must be auto, {', '.join(table)}; not {dtype!r}")
-    return table[dtype]
-
-
 # ------------------------------------------------------------------------------------------ vllm
 
 
@@ -307,11 +280,10 @@ class VllmBackend:
         from blsp.models.hub import resolve
 
         folder = resolve(ref, "llm")  # an ordinary HF folder (GGUF and aliases are converted and cached)
-        vdtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-            dtype
-        )
-        if vdtype is None:
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; not {dtype!r}")
+        from blsp.utils.torch import torch_dtype
+
+        resolved = torch_dtype(dtype)
+        vdtype = "auto" if resolved is None else str(resolved).removeprefix("torch.")
         llm = LLM(model=str(folder), tokenizer=str(folder), dtype=vdtype, **engine_kwargs)
         return cls(llm, stop_token_ids)
 

@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = """\
-blsp behave MANIFEST OUT.jsonl [--behavior continuation|repetition|"<instruction>"] [options]
-       blsp behave merge SHARD.jsonl [SHARD.jsonl ...] -o OUT.jsonl [--manifest MANIFEST]"""
+from blsp.models.hub import DEFAULT_LLM
 
 DESCRIPTION = """\
 Step 1 of BLSP: prompt the LLM with `instruction + transcript` for every manifest line and keep
@@ -21,14 +19,27 @@ OUT.summary.json. `merge` joins the shards of a sharded run (--num-shards, or to
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from blsp.cli import set_default_subcommand
+
+    group = sub.add_parser(
         "behave",
         help="generate behavior data (BLSP step 1); `behave merge` joins shards",
-        usage=USAGE,
+        usage="blsp behave [run] MANIFEST OUT.jsonl [options]\n       blsp behave merge SHARD.jsonl ... -o OUT.jsonl",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="MANIFEST OUT.jsonl, or: merge SHARD...")
+    cmds = group.add_subparsers(dest="behave_command", metavar="SUBCOMMAND", prog="blsp behave")
+    set_default_subcommand(group, "run")
+    p = cmds.add_parser(
+        "run",
+        help="(the default) generate behavior data: blsp behave MANIFEST OUT.jsonl [options]",
+        usage='blsp behave [run] MANIFEST OUT.jsonl [--behavior continuation|repetition|"<instruction>"] '
+        "[options]",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("manifest", metavar="MANIFEST", help="speech manifest (JSON Lines with transcripts)")
+    p.add_argument("out", metavar="OUT.jsonl", help="behavior data to write (appended; a rerun resumes)")
     g = p.add_argument_group("behavior")
     g.add_argument(
         "--behavior",
@@ -51,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("model")
     m.add_argument(
         "--model",
-        help="LLM reference (alias, HF folder, .gguf; default: smollm2-135m-instruct or --config's)",
+        help=f"LLM reference (alias, HF folder, .gguf; default: {DEFAULT_LLM} or --config's)",
     )
     m.add_argument("--config", help="BLSP model folder or config.json whose LLM and prompt settings to use")
     m.add_argument(
@@ -103,22 +114,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--extra-body", help="JSON object merged into each request, e.g. '{\"stop_token_ids\": [2]}'"
     )
-    o = p.add_argument_group("merge")
-    o.add_argument("-o", "--output", help="merge: the merged output file")
-    o.add_argument("--manifest", help="merge: the manifest, to report ids that are missing")
-    p.set_defaults(func=_handle)
+    p.set_defaults(func=_behave)
 
-
-def _handle(args: argparse.Namespace) -> int:
-    from blsp.errors import ConfigError
-
-    if args.paths[0] == "merge":
-        return _merge(args)
-    if len(args.paths) != 2:
-        raise ConfigError(
-            f"expected MANIFEST OUT.jsonl, got {len(args.paths)} paths (or use `blsp behave merge`)"
-        )
-    return _behave(args)
+    m = cmds.add_parser(
+        "merge",
+        help="join the shards of a sharded run (--num-shards, or torchrun) into one file",
+        description="Join the shard files of a sharded `blsp behave` run; with --manifest, report the "
+        "manifest ids that are in no shard (exit code 1).",
+    )
+    m.add_argument("shards", nargs="+", metavar="SHARD.jsonl", help="the shard files to join")
+    m.add_argument("-o", "--output", required=True, help="the merged output file")
+    m.add_argument("--manifest", help="the manifest, to report ids that are missing")
+    m.add_argument(
+        "--text-field", default="text", help="manifest field holding the transcript (default: text)"
+    )
+    m.set_defaults(func=_merge)
 
 
 def _behave(args: argparse.Namespace) -> int:
@@ -133,8 +143,8 @@ def _behave(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     opts = BehaveOptions(
-        manifest=Path(args.paths[0]),
-        out=Path(args.paths[1]),
+        manifest=Path(args.manifest),
+        out=Path(args.out),
         behavior=args.behavior,
         name=args.name,
         text_field=args.text_field,
@@ -168,7 +178,7 @@ def _behave(args: argparse.Namespace) -> int:
     if summary["shard"]["count"] > 1:
         print(
             f"shard {summary['shard']['index']} of {summary['shard']['count']} written to {summary['output']}; "
-            f"join the shards with: blsp behave merge <shards> -o {args.paths[1]} --manifest {args.paths[0]}",
+            f"join the shards with: blsp behave merge <shards> -o {args.out} --manifest {args.manifest}",
             file=sys.stderr,
         )
     if summary["failed"]:
@@ -179,14 +189,8 @@ def _behave(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from blsp.behaviors.merge import merge_shards
-    from blsp.errors import ConfigError
 
-    shards = args.paths[1:]
-    if not shards:
-        raise ConfigError("behave merge: give the shard files to join")
-    if not args.output:
-        raise ConfigError("behave merge: give the merged output file with -o OUT.jsonl")
-    report = merge_shards(shards, args.output, manifest=args.manifest, text_field=args.text_field)
+    report = merge_shards(args.shards, args.output, manifest=args.manifest, text_field=args.text_field)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     if report.get("missing"):
         print(

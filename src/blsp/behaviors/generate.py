@@ -32,13 +32,14 @@ from typing import Any
 
 from blsp.behaviors.backends import Backend, Completion, GenerationSettings
 from blsp.behaviors.filters import EMPTY_TRANSCRIPT, TOO_LONG, judge
+from blsp.data.manifest import iter_manifest, relocate_audio
 from blsp.errors import BlspError, ConfigError
 from blsp.instructions import CONTINUATION, REPETITION
-from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl, line_defect
+from blsp.models.hub import DEFAULT_LLM
+from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 EXTRA_FIELDS = ("duration", "speaker", "lang")
 DEFAULT_BATCH_SIZE = {"transformers": 32, "vllm": 512, "http": 64}
 # Generation settings that may change between runs appending to one output (same prompt tokens,
@@ -101,36 +102,18 @@ class Manifest:
     problems: list[str] = field(default_factory=list)
 
 
-def _rebase_audio(audio: str, manifest_dir: Path, out_dir: Path | None) -> str:
-    """Audio refs are relative to their manifest's folder; keep them valid from the output's folder."""
-    from blsp.data.audio import parse_audio_ref
-
-    path, start, num = parse_audio_ref(audio)
-    if path.is_absolute() or out_dir is None:
-        return audio
-    rebased = os.path.relpath(os.path.abspath(manifest_dir / path), os.path.abspath(out_dir))
-    return rebased if start is None else f"{rebased}:{start}:{num}"
-
-
-def read_manifest(path: str | Path, text_field: str = "text", out_dir: str | Path | None = None) -> Manifest:
-    """Read a JSON Lines manifest (``id``, ``text_field``, optional ``audio``) or a ``.txt`` file.
+def read_inputs(path: str | Path, text_field: str = "text", out_dir: str | Path | None = None) -> Manifest:
+    """Read the input lines of step 1: a manifest (``id``, ``text_field``, optional ``audio``) or a ``.txt``.
 
     A ``.txt`` manifest is one transcript a line; its ids are ``<file stem>-<line number>``.
-    Malformed lines, lines without an id or a string transcript, and repeated ids are skipped
-    and counted. ``audio`` paths are rewritten relative to ``out_dir`` when given.
+    Lines :func:`blsp.data.manifest.iter_manifest` finds defective (malformed, no id, no string
+    transcript, a repeated id...) are skipped and counted by their code. ``audio`` references are
+    rewritten relative to ``out_dir`` when given (absolute ones are kept).
     """
     path = Path(path)
     if not path.is_file():
         raise BlspError(f"{path}: manifest not found")
-    out = Path(out_dir) if out_dir is not None else None
     m = Manifest(path, [], 0)
-    seen: set[str] = set()
-
-    def skip(reason: str, lineno: int, msg: str) -> None:
-        m.skipped[reason] += 1
-        if len(m.problems) < 20:
-            m.problems.append(f"{path}:{lineno}: {msg}")
-
     if path.suffix == ".txt":
         with open(path, encoding="utf-8") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -140,29 +123,21 @@ def read_manifest(path: str | Path, text_field: str = "text", out_dir: str | Pat
                 m.lines += 1
         return m
 
-    for lineno, obj, _raw in iter_jsonl(path):
+    for lineno, obj, _raw, err in iter_manifest(path, required=("id", text_field), text_field=text_field):
         ordinal = m.lines
         m.lines += 1
-        if obj is None:
-            skip("bad_line", lineno, line_defect(_raw))
+        if err is not None or obj is None:
+            m.skipped[err.code if err is not None else "bad_line"] += 1
+            if len(m.problems) < 20:
+                m.problems.append(f"{path}:{lineno}: {err}")
             continue
-        key = obj.get("id")
-        if key is None or (isinstance(key, str) and not key.strip()):
-            skip("missing_id", lineno, "no 'id'")
-            continue
-        key = str(key)
-        if key in seen:
-            skip("duplicate_id", lineno, f"id {key!r} already seen")
-            continue
-        text = obj.get(text_field)
-        if not isinstance(text, str):
-            skip("missing_text", lineno, f"field {text_field!r} is missing or not a string")
-            continue
-        seen.add(key)
         audio = obj.get("audio")
-        audio = _rebase_audio(str(audio), path.parent, out) if audio else None
+        if audio and out_dir is not None:
+            audio = relocate_audio(str(audio), path.parent, out_dir, mode="keep")
         extra = {k: obj[k] for k in EXTRA_FIELDS if k in obj}
-        m.items.append(Item(key, text, ordinal, lineno, audio, extra))
+        m.items.append(
+            Item(str(obj["id"]), obj[text_field], ordinal, lineno, str(audio) if audio else None, extra)
+        )
     return m
 
 
@@ -247,7 +222,7 @@ def load_config(path: str | Path | None, model: str | None, prompt_template: str
         except Exception as e:
             raise ConfigError(f"{p}: cannot read a BLSP config ({type(e).__name__}: {e})") from e
     else:
-        config = BlspConfig(llm=model or DEFAULT_MODEL)
+        config = BlspConfig(llm=model or DEFAULT_LLM)
     if model:
         config.llm = model
     if prompt_template:
@@ -413,12 +388,13 @@ class BehaviorJob:
         return self._tokenizer
 
     def _load_transformers(self) -> None:
-        from blsp.behaviors.backends import resolve_device, resolve_dtype
         from blsp.models.hub import load_llm
+        from blsp.utils.torch import auto_dtype, resolve_device, torch_dtype
 
-        device = resolve_device(self.opts.device)
+        device = str(resolve_device(self.opts.device))
         t0 = time.perf_counter()
-        model, tokenizer = load_llm(self.config.llm, dtype=resolve_dtype(self.opts.dtype, device))
+        dtype = torch_dtype(self.opts.dtype) or auto_dtype(device)
+        model, tokenizer = load_llm(self.config.llm, dtype=dtype)
         model.to(device)
         log.info(
             "loaded %s on %s (%s) in %.1f s", self.config.llm, device, model.dtype, time.perf_counter() - t0
@@ -487,7 +463,7 @@ class BehaviorJob:
     # ----------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         o = self.opts
-        manifest = read_manifest(o.manifest, o.text_field, out_dir=self.out.parent)
+        manifest = read_inputs(o.manifest, o.text_field, out_dir=self.out.parent)
         for p in manifest.problems[:5]:
             log.warning("skipped %s", p)
         items = [it for it in manifest.items if in_shard(it, self.num_shards, self.shard_index)]

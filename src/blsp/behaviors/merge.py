@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from blsp.behaviors.generate import VOLATILE_SETTINGS, read_manifest, sidecar
-from blsp.data.audio import parse_audio_ref
+from blsp.behaviors.generate import VOLATILE_SETTINGS, read_inputs, sidecar
+from blsp.data.manifest import relocate_audio
 from blsp.errors import BlspError
 from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
@@ -27,13 +27,10 @@ _CHUNK = 2000
 
 
 def _rebase(audio: Any, src_dir: Path, dst_dir: Path) -> Any:
+    """A shard line's relative ``audio`` reference, made valid from the merged output's folder."""
     if not isinstance(audio, str) or src_dir.resolve() == dst_dir.resolve():
         return audio
-    path, start, num = parse_audio_ref(audio)
-    if path.is_absolute():
-        return audio
-    rebased = os.path.relpath(os.path.abspath(src_dir / path), os.path.abspath(dst_dir))
-    return rebased if start is None else f"{rebased}:{start}:{num}"
+    return relocate_audio(audio, src_dir, dst_dir, mode="keep")
 
 
 def _settings_key(obj: dict[str, Any]) -> tuple[Any, ...]:
@@ -181,7 +178,7 @@ def merge_shards(
     if bad:
         report["bad_line_examples"] = bad[:10]
     if manifest is not None:
-        m = read_manifest(manifest, text_field)
+        m = read_inputs(manifest, text_field)
         ids = {it.id for it in m.items}
         accounted = kept_ids | rejected_ids | failed_ids
         missing = [it.id for it in m.items if it.id not in accounted]

@@ -501,7 +501,9 @@ def import_hf(
         if not target.exists():
             try:
                 if isinstance(cell, dict) and cell.get("bytes"):
-                    wav = decode_audio_bytes(cell["bytes"], SAMPLE_RATE, name=f"{key} ({cell.get('path')})")
+                    wav = decode_audio_bytes(
+                        cell["bytes"], source=f"{key} ({cell.get('path')})", strict=False
+                    )
                 elif isinstance(cell, dict) and cell.get("array") is not None:
                     wav = to_mono_resampled(
                         np.asarray(cell["array"], dtype=np.float32).T,

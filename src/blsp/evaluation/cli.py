@@ -1,4 +1,7 @@
-"""``blsp eval``: run systems on tasks; ``blsp eval sets|repr|progress``: test sets, analysis, curves."""
+"""``blsp eval [run]``: run systems on tasks; ``blsp eval sets|repr|progress|curve``: test sets, analysis, curves.
+
+``run`` is the default sub-command: ``blsp eval -s SYSTEM -t TASK`` is ``blsp eval run -s SYSTEM -t TASK``.
+"""
 
 from __future__ import annotations
 
@@ -44,12 +47,26 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from blsp.cli import set_default_subcommand
+
+    description = (
+        "Run systems (BLSP adapters, Text+LLM, Whisper+LLM, CTC+LLM) on tasks and write "
+        "results.json, results.md and per-utterance outputs (resumable)."
+    )
+    group = sub.add_parser(
         "eval",
         help="evaluate systems on tasks (WER, BLEU, accuracy, QA, behavior alignment)",
-        description="Run systems (BLSP adapters, Text+LLM, Whisper+LLM, CTC+LLM) on tasks and write "
-        "results.json, results.md and per-utterance outputs (resumable). Sub-commands build test sets, "
-        "analyse representations and plot training progress.",
+        usage="blsp eval [run] -s SYSTEM -t TASK [options]\n       blsp eval {sets,repr,progress,curve} ...",
+        description=description + " `blsp eval -s .. -t ..` runs them (the default sub-command: run); the "
+        "other sub-commands build test sets, analyse representations and plot training progress.",
+    )
+    esub = group.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", prog="blsp eval")
+    set_default_subcommand(group, "run")
+    p = esub.add_parser(
+        "run",
+        help="(the default) run systems on tasks: blsp eval -s SYSTEM -t TASK [options]",
+        usage="blsp eval [run] -s SYSTEM -t TASK [options]",
+        description=description,
     )
     p.add_argument("--system", "-s", action="append", default=[], help=SYSTEM_HELP)
     p.add_argument("--task", "-t", action="append", default=[], help=TASK_HELP)
@@ -74,8 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _data_args(p)
     _gen_args(p)
-    p.set_defaults(func=_run, eval_command=None)
-    esub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=_run)
 
     ps = esub.add_parser("sets", help="list or build test sets (TTS with held-out voices)")
     ps.add_argument("action", choices=("list", "build"))

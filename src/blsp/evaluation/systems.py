@@ -28,7 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from blsp.data.audio import SAMPLE_RATE
 from blsp.errors import BlspError
+from blsp.models.hub import DEFAULT_WHISPER
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +354,11 @@ class EndpointClient:
                 if part["type"] == "audio":
                     buf = io.BytesIO()
                     sf.write(
-                        buf, np.asarray(part["audio"], dtype=np.float32), 16000, subtype="FLOAT", format="WAV"
+                        buf,
+                        np.asarray(part["audio"], dtype=np.float32),
+                        SAMPLE_RATE,
+                        subtype="FLOAT",
+                        format="WAV",
                     )
                     data = base64.b64encode(buf.getvalue()).decode("ascii")
                     parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
@@ -399,7 +405,7 @@ class EndpointSystem(System):
         return {"name": self.name, "kind": self.kind, "model": self.url}
 
 
-def whisper_transcriber(ref: str = "whisper-base", device: str = "cpu") -> Callable[[], Transcriber]:
+def whisper_transcriber(ref: str = DEFAULT_WHISPER, device: str = "cpu") -> Callable[[], Transcriber]:
     """A lazy factory of ``blsp.models.asr.WhisperTranscriber(ref)``."""
 
     def make() -> Transcriber:
@@ -520,7 +526,7 @@ def parse_system_specs(
             sys_ = EndpointSystem(arg, name=name or "endpoint")
         elif kind == "whisper":
             sys_ = CascadeSystem(
-                whisper_transcriber(arg or "whisper-base", device or "cpu"),
+                whisper_transcriber(arg or DEFAULT_WHISPER, device or "cpu"),
                 text_handle(),
                 name=name or "Whisper+LLM",
             )

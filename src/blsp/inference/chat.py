@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from blsp.data.audio import SAMPLE_RATE
 from blsp.errors import BlspError
 from blsp.inference.audio_input import as_waveform
 from blsp.inference.generate import (
@@ -284,7 +285,7 @@ def _sounddevice() -> Any:
     return sd
 
 
-def record_microphone(seconds: float, sr: int = 16000) -> Any:
+def record_microphone(seconds: float, sr: int = SAMPLE_RATE) -> Any:
     """Record ``seconds`` of mono audio; ``BlspError`` when no sound device can be used."""
     sd = _sounddevice()
     try:

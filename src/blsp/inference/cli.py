@@ -23,6 +23,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="model dtype (default: float32 on CPU, bfloat16 on GPU)",
     )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "bnb-8bit", "bnb-4bit"],
+        help="run the frozen LLM quantized: int8 on CPU (bench/quantized_llm.py), bnb-* on CUDA",
+    )
 
 
 def _gen_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -89,6 +95,7 @@ def _pipeline(args: argparse.Namespace):
         args.adapter,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         limits=AudioLimits(max_seconds=args.max_audio_seconds),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -106,7 +106,7 @@ def prepare_conversation(
     import torch
 
     from blsp.inference.audio_input import NO_LIMITS, as_waveform
-    from blsp.models.prompt import AudioSpan
+    from blsp.models.prompt import AudioSpan, check_role
 
     limits = limits or NO_LIMITS
     if not isinstance(conversation, list | tuple) or not conversation:
@@ -118,9 +118,7 @@ def prepare_conversation(
         where = f"{source}[{i}]"
         if not isinstance(msg, dict):
             raise BlspError(f"{where}: a message is a dict with 'role' and 'content'")
-        role, content = msg.get("role"), msg.get("content", "")
-        if role not in ("system", "user", "assistant"):
-            raise BlspError(f"{where}: role must be system, user or assistant, not {role!r}")
+        role, content = check_role(msg.get("role"), where), msg.get("content", "")
         if content is None:
             content = ""
         if isinstance(content, str):
@@ -625,7 +623,8 @@ def run_generate_job(
     the input row plus ``instruction`` and ``response``. Ids already in ``out_path`` are skipped
     (rerun to resume); unreadable lines and audio are skipped, logged with the reason, counted.
     """
-    from blsp.utils.io import JsonlAppender, iter_jsonl, line_defect
+    from blsp.data.manifest import iter_manifest, resolve_audio_path
+    from blsp.utils.io import JsonlAppender
 
     params = params or GenerationParams()
     manifest = Path(manifest)
@@ -640,24 +639,15 @@ def run_generate_job(
 
     with JsonlAppender(out_path, id_key="id") as out:
         todo: list[tuple[int, dict[str, Any], str]] = []
-        seen: set[str] = set()
-        for lineno, obj, _raw in iter_jsonl(manifest):
+        for lineno, obj, _raw, err in iter_manifest(manifest, required=("id",), text_field=None):
             stats.total += 1
             where = f"{manifest}:{lineno}"
-            if obj is None:
-                skip(f"{where}: {line_defect(_raw)}")
+            if err is not None or obj is None:
+                skip(f"{where}: {err}")
                 continue
-            if "id" not in obj:
-                skip(f"{where}: no 'id' field")
-                continue
-            key = str(obj["id"])
-            if key in out.done:
+            if str(obj["id"]) in out.done:
                 stats.done_before += 1
                 continue
-            if key in seen:
-                skip(f"{where}: duplicate id {key!r}")
-                continue
-            seen.add(key)
             instr = obj.get("instruction", instruction)
             if not isinstance(instr, str) or not instr.strip():
                 skip(f"{where}: no instruction (give --instruction/--task or an 'instruction' field)")
@@ -678,7 +668,7 @@ def run_generate_job(
             prepared, rows = [], []
             for lineno, obj, instr in chunk:
                 ref = obj[audio_key]
-                path = ref if Path(ref.split(":")[0]).is_absolute() else str(manifest.parent / ref)
+                path = resolve_audio_path(ref, manifest.parent)
                 try:
                     ex = prepare_conversation(
                         model,

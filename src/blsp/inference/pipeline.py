@@ -67,23 +67,18 @@ class SpeechPipeline:
         *,
         device: str | None = None,
         dtype: Any = None,
+        quantization: str | None = None,
         **kwargs: Any,
     ) -> SpeechPipeline:
         """Load the adapter folder or shipped name (None: the shipped default) and its encoder and LLM once."""
         from blsp.models.modeling_blsp import BlspModel
 
         if isinstance(dtype, str):
-            import torch
+            from blsp.utils.torch import DTYPES
 
-            dtype = {
-                "float32": torch.float32,
-                "fp32": torch.float32,
-                "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16,
-                "float16": torch.float16,
-                "fp16": torch.float16,
-            }.get(dtype)
-        return cls(BlspModel.from_pretrained(adapter_dir, device=device, dtype=dtype), **kwargs)
+            dtype = DTYPES.get(dtype)  # auto: the model's default
+        model = BlspModel.from_pretrained(adapter_dir, device=device, dtype=dtype, quantization=quantization)
+        return cls(model, **kwargs)
 
     @property
     def tokenizer(self) -> Any:

@@ -42,6 +42,7 @@ from blsp.inference.generate import (
     StreamTextFilter,
     finalize_text,
 )
+from blsp.utils.torch import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +195,6 @@ def engine_kwargs(
     return kwargs
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 class VllmGenerator:
     """Offline generation: blsp embeds, ``vllm.LLM.generate`` decodes (one call per batch)."""
 
@@ -206,7 +203,7 @@ class VllmGenerator:
         vllm = import_vllm()
         self.model = model
         self.kwargs = kwargs if kwargs is not None else engine_kwargs(model)
-        self.dtype = _torch_dtype(self.kwargs["dtype"])
+        self.dtype = torch_dtype(self.kwargs["dtype"])
         self.seed = self.kwargs["seed"]
         self.llm = vllm.LLM(**self.kwargs)
         self._sampling = vllm.SamplingParams
@@ -272,7 +269,7 @@ def vllm_engine_class() -> type:
         def __init__(self, pipeline: Any, vllm_kwargs: dict[str, Any], **kwargs: Any) -> None:
             super().__init__(pipeline, **kwargs)
             self.vllm_kwargs = vllm_kwargs
-            self.dtype = _torch_dtype(vllm_kwargs["dtype"])
+            self.dtype = torch_dtype(vllm_kwargs["dtype"])
             self.seed = vllm_kwargs.get("seed")
             self._aloop: asyncio.AbstractEventLoop | None = None
             self._athread: threading.Thread | None = None

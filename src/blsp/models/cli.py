@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from blsp.models.hub import DEFAULT_WHISPER
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model aliases, their packages and whether they resolve")
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "audio", nargs="+", help="audio files (any format soundfile reads; path:start:num for a segment)"
     )
-    p.add_argument("--model", default="whisper-base", help="alias, HF folder, CTranslate2 folder or hub id")
+    p.add_argument("--model", default=DEFAULT_WHISPER, help="alias, HF folder, CTranslate2 folder or hub id")
     p.add_argument(
         "--language", default=None, help="language code (default: detect; English-only models: en)"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from blsp.models.hub import DEFAULT_LLM, DEFAULT_WHISPER
+
 
 class BlspConfig(PretrainedConfig):
     """Configuration of a BLSP model.
@@ -28,8 +30,8 @@ class BlspConfig(PretrainedConfig):
 
     def __init__(
         self,
-        encoder: str = "whisper-base",
-        llm: str = "smollm2-135m-instruct",
+        encoder: str = DEFAULT_WHISPER,
+        llm: str = DEFAULT_LLM,
         adapter_kernel_sizes: list[int] | tuple[int, ...] = (5, 5, 5),
         adapter_stride: int = 2,
         adapter_bottleneck_dim: int = 512,

@@ -234,7 +234,9 @@ class BlspModel(PreTrainedModel):
         config = config or BlspConfig()
         for k, v in overrides.items():
             setattr(config, k, v)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from blsp.utils.torch import resolve_device
+
+        device = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = cls(config, *_load_frozen(config, dtype, quantization=quantization, device_map=device_map))
         if (quantization or "").startswith("bnb-") or device_map is not None:

@@ -25,6 +25,17 @@ _RESPONSE = "\ue000blsp-response\ue001"
 Conversation = list[dict[str, Any]]
 
 
+#: the roles a conversation's messages may have
+ROLES = ("system", "user", "assistant")
+
+
+def check_role(role: Any, where: str) -> str:
+    """``role`` when a conversation message may have it; else a BlspError naming ``where``."""
+    if role not in ROLES:
+        raise BlspError(f"{where}: role must be system, user or assistant, not {role!r}")
+    return role
+
+
 def make_conversation(instruction: str, *, audio: Any = None, transcript: str | None = None) -> Conversation:
     """One user turn: the instruction, then the speech span (``audio``) or its ``transcript``."""
     if (audio is None) == (transcript is None):
@@ -119,9 +130,7 @@ class PromptBuilder:
         if self.system_prompt and not any(m.get("role") == "system" for m in conversation):
             messages.append({"role": "system", "content": self.system_prompt})
         for i, m in enumerate(conversation):
-            role = m.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise BlspError(f"message {i}: role must be system, user or assistant, not {role!r}")
+            role = check_role(m.get("role"), f"message {i}")
             messages.append({"role": role, "content": self._content_text(m.get("content", ""), spans)})
         if self.use_chat:
             text = self.tokenizer.apply_chat_template(

@@ -8,16 +8,11 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument(
-        "adapter",
-        nargs="?",
-        default=None,
-        help="BLSP adapter folder (config.json + adapter.safetensors) or shipped name (default: blsp-base)",
-    )
+    from blsp.inference.cli import _model_args
+
+    _model_args(p)  # adapter, --device, --dtype, --quantization: as chat and generate
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=port)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted")
     p.add_argument(
         "--api-key",
@@ -156,6 +151,7 @@ def _load(args: argparse.Namespace, **kwargs):
         args.adapter,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         limits=AudioLimits(max_seconds=args.max_audio_seconds),
         **kwargs,
     )

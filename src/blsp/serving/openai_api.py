@@ -29,16 +29,17 @@ from typing import Annotated, Any
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blsp.errors import AudioError, BlspError
-from blsp.inference.audio_input import (
+from blsp.data.audio import (
     FFMPEG_FORMATS,
+    SAMPLE_RATE,
     UNKNOWN_FRAMES,
     AudioLimits,
-    base64_audio_bytes,
     decode_audio_bytes,
     normalize_format,
-    read_audio_file,
 )
+from blsp.errors import AudioError, BlspError
+from blsp.inference.audio_input import base64_audio_bytes, read_audio_file
+from blsp.models.prompt import ROLES as CONVERSATION_ROLES
 
 
 class ApiError(Exception):
@@ -406,7 +407,7 @@ class AudioRef:
         """A lower bound on the 16 kHz samples it decodes to (0 when unknown)."""
         if self.frames is None or not self.samplerate:
             return 0
-        return max(0, self.frames * 16000 // self.samplerate - 1)
+        return max(0, self.frames * SAMPLE_RATE // self.samplerate - 1)
 
 
 def _source_ref(url: str, where: str, settings: ServerSettings) -> AudioRef:
@@ -602,7 +603,8 @@ def _input_audio_ref(part: dict[str, Any], where: str, settings: ServerSettings)
     return _source_ref(url, f"{where}.audio_url", settings)
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+#: OpenAI roles -> conversation roles (``developer`` is the newer name of ``system``)
+ROLES = {**{r: r for r in CONVERSATION_ROLES}, "developer": "system"}
 
 
 def plan_messages(messages: Any, settings: ServerSettings) -> tuple[list[dict[str, Any]], list[AudioRef]]:
@@ -801,7 +803,7 @@ def load_audio(
             msg = str(e) if str(e).startswith(ref.where) else f"{ref.where}: {e}"
             raise ApiError(400, msg, param=ref.where, code="invalid_audio") from e
         wavs[id(ref)] = wav
-    _check_total(sum(len(w) for w in wavs.values()) / 16000, settings)
+    _check_total(sum(len(w) for w in wavs.values()) / SAMPLE_RATE, settings)
     if check_prompt is not None and any(r.frames is None for r in refs):
         check_prompt(_with_samples(conv, {k: len(w) for k, w in wavs.items()}))
 

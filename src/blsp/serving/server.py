@@ -505,7 +505,7 @@ def create_app(
         return parsed, upload
 
     async def audio_task(request: Request, task: str) -> Any:
-        from blsp.inference.audio_input import KNOWN_FORMATS
+        from blsp.data.audio import KNOWN_FORMATS
         from blsp.inference.generate import GenerationParams
 
         deadline = time.monotonic() + settings.request_timeout_s

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from blsp.utils.torch import torch_dtype
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
@@ -66,7 +67,7 @@ class EncoderCache:
 
     def __init__(self, root: str | os.PathLike[str], fingerprint: str, dtype: str = "float32") -> None:
         self.root = Path(root) / fingerprint[:24]
-        self.dtype = _DTYPES[dtype]
+        self.dtype = torch_dtype(dtype) or torch.float32
         # counted by the training process (lookups may run in DataLoader workers)
         self.served = 0
         self.encoded = 0

@@ -1,10 +1,12 @@
-"""``blsp train CONFIG.yaml [--set KEY=VALUE ...] [--resume [RUN_OR_CHECKPOINT] [--resume-accept-data-change]]``.
+"""``blsp train RECIPE [--set KEY=VALUE ...] [--resume [RUN_OR_CHECKPOINT] [--resume-accept-data-change]]``.
 
-Runs one recipe (configs/*.yaml): BLSP adapter training (``ce``/``kl``/``ce+kl``), the ASR-
-pretraining and CTC baselines, LoRA fine-tuning, or stage-1 instruction tuning. Under
-``accelerate launch --config_file configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml -m blsp.cli train ...``
-it trains on several processes with DDP, FSDP or DeepSpeed ZeRO (``torchrun --nproc_per_node N``:
-DDP); see docs/SCALING.md.
+Runs one recipe, a shipped one by name (``blsp train blsp``; ``blsp train --list``) or any YAML
+file by path: BLSP adapter training (``ce``/``kl``/``ce+kl``), the ASR-pretraining and CTC
+baselines, LoRA fine-tuning, or stage-1 instruction tuning. Under
+``accelerate launch --config_file "$(blsp train --path accelerate/ddp)" -m blsp.cli train ...``
+(also ``accelerate/fsdp``, ``accelerate/zero2``, ``accelerate/zero3``) it trains on several
+processes with DDP, FSDP or DeepSpeed ZeRO (``torchrun --nproc_per_node N``: DDP); see
+docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train an adapter / baseline / fine-tune from a YAML recipe (configs/*.yaml)",
+        help="train an adapter / baseline / fine-tune from a YAML recipe (`blsp train --list`)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML recipe, e.g. configs/blsp.yaml")
+    p.add_argument(
+        "config",
+        nargs="?",
+        metavar="RECIPE",
+        help="shipped recipe name (e.g. blsp, blsp_default) or path to a YAML recipe",
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the shipped recipes and accelerate configs, and exit"
+    )
+    p.add_argument(
+        "--path",
+        metavar="NAME",
+        help="print the file of a shipped recipe or accelerate config (e.g. accelerate/ddp), and exit",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -65,6 +80,15 @@ def _train(args: argparse.Namespace) -> int:
     from blsp.errors import BlspError
     from blsp.training.config import load_config
 
+    if args.list:
+        return _list()
+    if args.path:
+        from blsp.recipes import recipe_path
+
+        print(recipe_path(args.path))
+        return 0
+    if args.config is None:
+        raise BlspError("give a recipe (a shipped name such as blsp, or a YAML path); see --list")
     if args.resume_accept_data_change and not args.resume:
         raise BlspError("--resume-accept-data-change goes with --resume")
     cfg = load_config(args.config, args.overrides)
@@ -78,6 +102,20 @@ def _train(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _list() -> int:
+    from blsp.recipes import RECIPES_DIR, list_recipes
+
+    recipes, accel = list_recipes(), list_recipes(accelerate=True)
+    width = max(len(r.name) for r in recipes + accel) + 2
+    print(f"recipes (blsp train NAME; files in {RECIPES_DIR}):")
+    for r in recipes:
+        print(f"  {r.name:<{width}}{r.summary}")
+    print('accelerate configs (accelerate launch --config_file "$(blsp train --path NAME)" ...):')
+    for r in accel:
+        print(f"  {r.name:<{width}}{r.summary}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Typed training configuration: YAML recipes in ``configs/`` loaded into dataclasses.
+"""Typed training configuration: YAML recipes (shipped in ``blsp/recipes/``) loaded into dataclasses.
 
-A recipe is data: ``load_config("configs/blsp.yaml", overrides=["train.lr=1e-4"])`` reads the YAML,
+A recipe is data: ``load_config("blsp", overrides=["train.lr=1e-4"])`` reads the YAML (a shipped
+recipe's name or a path, see :func:`blsp.recipes.recipe_path`),
 applies ``--set`` overrides (dotted keys, YAML-typed values), and checks every key and value
 against the dataclasses below. An unknown key is a :class:`~blsp.errors.ConfigError` that names
 the file and the dotted key (with the closest known key). The resolved config is written into
@@ -21,17 +22,20 @@ from typing import Any, Literal
 import yaml
 
 from blsp.errors import ConfigError
+from blsp.models.hub import DEFAULT_LLM, DEFAULT_WHISPER
 
-OBJECTIVES = ("ce", "kl", "ce+kl", "ctc", "sft")
-TASKS = ("behavior", "repetition", "asr", "target", "alpaca")
+Objective = Literal["ce", "kl", "ce+kl", "ctc", "sft"]
+Task = Literal["behavior", "repetition", "asr", "target", "alpaca"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
 @dataclass
 class ModelConfig:
     """What to train. ``encoder``/``llm`` are model references (aliases, hub ids, folders, .gguf)."""
 
-    encoder: str = "whisper-base"
-    llm: str = "smollm2-135m-instruct"
+    encoder: str = DEFAULT_WHISPER
+    llm: str = DEFAULT_LLM
     # A BLSP model folder (``save_pretrained`` output) whose adapter (and CTC head / LoRA) to start from.
     init_from: str | None = None
     # Further ``BlspConfig`` fields (adapter_kernel_sizes, adapter_bottleneck_dim, prompt_template, ...).
@@ -54,7 +58,7 @@ class SourceConfig:
     """
 
     path: str = ""
-    task: Literal["behavior", "repetition", "asr", "target", "alpaca"] = "behavior"
+    task: Task = "behavior"
     # Relative share of this source in an epoch (mixing, e.g. repetition:continuation = 1:9). None = as is.
     weight: float | None = None
     # For task=target: a literal instruction or a task name (asr, st:German, snips, ...). Overrides the line's.
@@ -95,7 +99,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (paper 4.1 / original code: lr 5e-5, warmup 1000, wd 0.05, clip 1.0, batch 768)."""
 
-    objective: Literal["ce", "kl", "ce+kl", "ctc", "sft"] = "ce"
+    objective: Objective = "ce"
     ce_weight: float = 1.0
     kl_weight: float = 1.0
     kl_temperature: float = 2.0
@@ -184,7 +188,7 @@ class DistributedConfig:
 
     # auto: nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    # The engine is what the launch chose (accelerate config: configs/accelerate/*.yaml; torchrun
+    # The engine is what the launch chose (accelerate config: blsp/recipes/accelerate/*.yaml; torchrun
     # gives DDP). auto accepts any; ddp, fsdp or deepspeed make a launch with another engine an
     # error (ddp also runs as one process). Adapter training needs no more than DDP: only the
     # adapter has gradients and optimizer state; FSDP / ZeRO pay off for stage-1 SFT of the LLM.
@@ -382,10 +386,10 @@ def config_from_dict(
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe and apply ``--set`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """Read a YAML recipe (a path, or a shipped recipe's name: ``blsp``) and apply ``--set`` overrides."""
+    from blsp.recipes import recipe_path
+
+    path = recipe_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

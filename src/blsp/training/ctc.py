@@ -9,7 +9,7 @@ and the ``ctc_*`` fields below in config.json). Labels are:
 - ``embeddings``: the LLM tokens of the training transcripts, scored by the cosine between the
   adapter output and the frozen LLM's own input embedding of each token (plus a learned blank).
   Needing no LLM forward pass, it is cheap, and it pulls the adapter's outputs toward the token
-  embeddings the LLM already reads: the warm start before behavior alignment (``configs/align_ctc.yaml``).
+  embeddings the LLM already reads: the warm start before behavior alignment (the ``align_ctc`` recipe).
 
 :class:`CtcTranscriber` greedily decodes speech to text for the CTC+LLM cascade.
 """

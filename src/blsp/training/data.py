@@ -198,27 +198,22 @@ def load_source(
     """Examples of one manifest; bad lines are skipped and counted, zero usable lines is an error.
 
     ``count_tokens`` (the LLM tokenizer's length of a text) enables ``data.max_text_tokens``."""
-    from blsp.utils.io import iter_jsonl, line_defect
+    from blsp.data.manifest import iter_manifest
 
     path = Path(src.path)
-    if not path.is_file():
-        raise BlspError(f"{path}: manifest not found")
     manifest_dir = path.resolve().parent
     out: list[Example] = []
     skipped: Counter[str] = Counter()
     first_bad: dict[str, int] = {}
-    seen: set[str] = set()
-    for lineno, obj, _raw in iter_jsonl(path):
+    for lineno, obj, _raw, err in iter_manifest(path, required=(), text_field=None):
         reason = None
         ex = None
-        if obj is None:
-            reason = line_defect(_raw)
+        if err is not None or obj is None:
+            reason = "duplicate id" if err is not None and err.code == "duplicate_id" else str(err)
         else:
             ex, reason = example_from_item(obj, src, index, manifest_dir, seed)
         if ex is not None:
-            if ex.id in seen:
-                ex, reason = None, "duplicate id"
-            elif ex.audio is not None and not (data_cfg.min_duration <= ex.duration <= data_cfg.max_duration):
+            if ex.audio is not None and not (data_cfg.min_duration <= ex.duration <= data_cfg.max_duration):
                 ex, reason = None, f"duration outside [{data_cfg.min_duration}, {data_cfg.max_duration}] s"
             elif needs_transcript and ex.transcript is None:
                 ex, reason = None, "no transcript (needed by this objective)"
@@ -229,7 +224,6 @@ def load_source(
             skipped[reason or "unusable"] += 1
             first_bad.setdefault(reason or "unusable", lineno)
             continue
-        seen.add(ex.id)
         out.append(ex)
         if src.max_examples is not None and len(out) >= src.max_examples:
             break

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from blsp.errors import BlspError, ConfigError
+from blsp.utils.torch import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +73,14 @@ def _check_engine_choice(device: torch.device) -> None:
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         if importlib.util.find_spec("deepspeed") is None:
             raise BlspError(
-                "the accelerate config chooses DeepSpeed (configs/accelerate/zero*.yaml), which is not "
+                "the accelerate config chooses DeepSpeed (accelerate/zero2, accelerate/zero3), which is not "
                 "installed: pip install deepspeed (Linux with CUDA GPUs), or launch with "
-                "configs/accelerate/fsdp.yaml / plain DDP instead"
+                "accelerate/fsdp / plain DDP instead"
             )
         if device.type != "cuda":
-            raise BlspError("DeepSpeed ZeRO (configs/accelerate/zero*.yaml) runs on CUDA GPUs only")
+            raise BlspError("DeepSpeed ZeRO (accelerate/zero2, accelerate/zero3) runs on CUDA GPUs only")
     if _env_flag("ACCELERATE_USE_FSDP") and device.type != "cuda":
-        raise BlspError("FSDP (configs/accelerate/fsdp.yaml) runs on CUDA GPUs only; on CPU use DDP")
-
-
-def _resolve_device(cfg: Any, local: int) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local}")
-    return device
+        raise BlspError("FSDP (accelerate/fsdp) runs on CUDA GPUs only; on CPU use DDP")
 
 
 def init_distributed(cfg: Any) -> Dist:
@@ -100,7 +91,7 @@ def init_distributed(cfg: Any) -> Dist:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(cfg, local)
+    device = resolve_device(cfg.train.device, local)
     _check_engine_choice(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -138,9 +129,9 @@ def init_distributed(cfg: Any) -> Dist:
         if owns:
             _reset_accelerate_state()
         raise ConfigError(
-            f"distributed.strategy is {want} but this launch runs {engine}: launch with "
-            f"configs/accelerate/{'zero2' if want == 'deepspeed' else want}.yaml "
-            "(accelerate launch --config_file ...), or set distributed.strategy=auto"
+            f"distributed.strategy is {want} but this launch runs {engine}: use "
+            f'accelerate launch --config_file "$(blsp train --path accelerate/'
+            f'{"zero2" if want == "deepspeed" else want})" ..., or set distributed.strategy=auto'
         )
     if engine != "single":
         device = acc.device if acc.device.type != "cpu" else torch.device("cpu")
@@ -231,7 +222,7 @@ def prepare(
         if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
             raise ConfigError(
                 "FSDP needs fsdp_use_orig_params: true (the frozen LLM and the trainable adapter share "
-                "units); see configs/accelerate/fsdp.yaml"
+                "units); see `blsp train --path accelerate/fsdp`"
             )
     elif d.engine == "deepspeed":
         ds = acc.state.deepspeed_plugin.deepspeed_config

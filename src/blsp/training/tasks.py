@@ -21,15 +21,11 @@ from torch import nn
 from blsp.errors import ConfigError, ModelLoadError
 from blsp.training.config import Config
 from blsp.training.data import Example
+from blsp.utils.torch import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RESERVED = {"encoder", "llm", "encoder_dim", "llm_dim", "ctc_vocab_size"}
-
-
-def torch_dtype(name: str) -> torch.dtype | None:
-    return None if name == "auto" else _DTYPES[name]
 
 
 def enable_gradient_checkpointing(llm: nn.Module) -> None:
