@@ -107,7 +107,8 @@ def test_generate_cli_batches_skips_bad_lines_and_resumes(adapter_dir, tmp_path,
     assert f"{audio / 'missing.wav'}: audio file not found" in err
     assert f"{audio / 'broken.wav'}" in err and "cannot decode audio" in err
     assert (
-        f"{manifest}:5: malformed JSON (not one JSON object)" in err and f"{manifest}:6: no 'id' field" in err
+        f"{manifest}:5: malformed JSON (not one JSON object)" in err
+        and f"{manifest}:6: missing field 'id'" in err
     )
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"a", "b"}

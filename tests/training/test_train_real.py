@@ -68,7 +68,7 @@ def test_real_model_loss_falls_and_the_adapter_reloads(real_model, speech_wav, t
         losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
         assert len(losses) == 5 and losses[-1] < 0.85 * losses[0], losses
         assert max(losses[1:]) < losses[0], losses
-        assert summary["encoder_cache"] == {"encoded": 3, "served": 12}  # each clip encoded once
+        assert summary["encoder_cache"] == {"encoded": 3, "served": 12, "writable": True}  # each clip once
         real_model.train(False)
         ex = [{"conversation": make_conversation(REPETITION, audio=str(speech_wav(SENTENCES[0])))}]
         trained = real_model.generate(ex, max_new_tokens=12)

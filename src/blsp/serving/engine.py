@@ -232,24 +232,25 @@ class BatchEngine:
             self.cancel(job)  # no-op when finished; stops the row when the request was cancelled
 
     # ------------------------------------------------------------------ worker
+    def _pop(self, timeout: float = 0.0) -> Job | None:
+        """The next waiting job, taken (None: none within ``timeout`` s, or the stop sentinel)."""
+        try:
+            job = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
+        except queue.Empty:
+            return None
+        if job is None:
+            self._stopping.set()
+            return None
+        self._take(job)
+        return job
+
     def _collect(self, first: Job) -> list[Job]:
         batch = [first]
         deadline = time.perf_counter() + self.batch_wait
         while len(batch) < self.max_batch_size:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    job = self._q.get(timeout=left)
-                except queue.Empty:
-                    break
+            job = self._pop(max(0.0, deadline - time.perf_counter()))
             if job is None:
-                self._stopping.set()
                 break
-            self._take(job)
             batch.append(job)
         return batch
 
@@ -541,14 +542,9 @@ class ContinuousEngine(BatchEngine):
         """Waiting jobs, without waiting, up to ``room``."""
         jobs: list[Job] = []
         while len(jobs) < room:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                break
+            job = self._pop()
             if job is None:
-                self._stopping.set()
                 break
-            self._take(job)
             jobs.append(job)
         return jobs
 
