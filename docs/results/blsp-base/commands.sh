@@ -153,3 +153,6 @@ blsp train blsp_default \
   --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_instr --set data.encoder_cache=$W/encoder_cache \
   --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=1500 \
   --set model.init_from=src/blsp/resources/pretrained/blsp-base
+#    ... measured at step 500, then the same command with --resume to step 1,000 (stopped there);
+#    each checkpoint: blsp export $W/runs/blsp_instr/checkpoints/step-00001000 $W/blsp-instr-1000, and
+#    the step-4 `blsp eval` command with -s blsp-instr-1000=blsp:$W/blsp-instr-1000 added.
