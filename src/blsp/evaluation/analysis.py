@@ -46,12 +46,7 @@ def last_prompt_states(model: Any, conversations: Sequence[Any]) -> np.ndarray:
 
     batch = model.collate([{"conversation": c} for c in conversations], padding_side="left")
     with torch.no_grad():
-        embeds = model.embed(
-            batch["input_ids"],
-            batch["speech_mask"],
-            batch.get("input_features"),
-            batch.get("feature_lengths"),
-        )
+        embeds = model.embed_batch(batch)
         out = model.llm(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"].to(model.device),

@@ -412,13 +412,7 @@ def next_tokens(logits: Any, params: Sequence[GenerationParams]) -> list[int]:
 def embed_prompts(model: Any, examples: Sequence[PreparedExample]) -> tuple[Any, Any]:
     """Left-padded input embeddings ``[rows, length, dim]`` and attention mask of prepared examples."""
     batch = model.collate([{"conversation": ex.conversation} for ex in examples], padding_side="left")
-    embeds = model.embed(
-        batch["input_ids"],
-        batch["speech_mask"],
-        batch.get("input_features"),
-        batch.get("feature_lengths"),
-    )
-    return embeds, batch["attention_mask"].to(model.device)
+    return model.embed_batch(batch), batch["attention_mask"].to(model.device)
 
 
 # --------------------------------------------------------------------------- criteria and streamer

@@ -73,10 +73,6 @@ class SpeechPipeline:
         """Load the adapter folder or shipped name (None: the shipped default) and its encoder and LLM once."""
         from blsp.models.modeling_blsp import BlspModel
 
-        if isinstance(dtype, str):
-            from blsp.utils.torch import DTYPES
-
-            dtype = DTYPES.get(dtype)  # auto: the model's default
         model = BlspModel.from_pretrained(adapter_dir, device=device, dtype=dtype, quantization=quantization)
         return cls(model, **kwargs)
 

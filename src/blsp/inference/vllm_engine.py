@@ -121,12 +121,7 @@ def build_requests(
         return []
     batch = model.collate([{"conversation": ex.conversation} for ex in examples], padding_side="right")
     with torch.inference_mode():
-        embeds = model.embed(
-            batch["input_ids"],
-            batch["speech_mask"],
-            batch.get("input_features"),
-            batch.get("feature_lengths"),
-        )
+        embeds = model.embed_batch(batch)
     lengths = batch["attention_mask"].sum(-1).tolist()
     stops = model.prompt.stop_token_ids
     out = []

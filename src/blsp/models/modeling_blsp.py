@@ -282,7 +282,9 @@ class BlspModel(PreTrainedModel):
         if device is None and isinstance(device_map, str | torch.device) and device_map != "auto":
             device, device_map = device_map, None
         if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
+            from blsp.utils.torch import torch_dtype
+
+            dtype = torch_dtype(dtype)  # None for auto: the device's default
         path, saved, hint = _open_adapter_folder(
             pretrained_model_name_or_path,
             revision=revision,
@@ -562,6 +564,15 @@ class BlspModel(PreTrainedModel):
             embeds = embeds.masked_scatter(speech_mask[..., None], flat.to(embeds.dtype))
         return embeds
 
+    def embed_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``embed`` of a ``collate`` batch (token ids, speech positions and features)."""
+        return self.embed(
+            batch["input_ids"],
+            batch["speech_mask"],
+            batch.get("input_features"),
+            batch.get("feature_lengths"),
+        )
+
     def shared_head_length(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, speech_mask: torch.Tensor, limit: int
     ) -> int:
@@ -694,12 +705,7 @@ class BlspModel(PreTrainedModel):
         """Batched generation for speech, text, or mixed conversations (left padded)."""
         examples = [{"conversation": ex["conversation"]} for ex in examples]
         batch = self.collate(examples, padding_side="left")
-        embeds = self.embed(
-            batch["input_ids"],
-            batch["speech_mask"],
-            batch.get("input_features"),
-            batch.get("feature_lengths"),
-        )
+        embeds = self.embed_batch(batch)
         gen = self.generation_config(max_new_tokens, do_sample, temperature, top_p, **kwargs)
         out = self.llm.generate(
             inputs_embeds=embeds,
