@@ -6,6 +6,7 @@ baseline (paper appendix A), kept in ``resources/asr_instructions.txt``.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 
@@ -65,6 +66,22 @@ def behavior_instructions() -> tuple[str, ...]:
     stay zero-shot for an adapter trained on their answers.
     """
     return _resource_lines("behavior_instructions.txt")
+
+
+@cache
+def choice_instructions() -> tuple[str, ...]:
+    """Label-choice instructions of diverse-instruction behaviors (``resources/choice_instructions.txt``).
+
+    Each lists its labels in square brackets (:func:`choice_labels`); none shares a task or a
+    label with an evaluation set.
+    """
+    return _resource_lines("choice_instructions.txt")
+
+
+def choice_labels(instruction: str) -> tuple[str, ...]:
+    """The labels listed in square brackets in ``instruction`` (empty if there is no list)."""
+    found = re.search(r"\[([^\]]+)\]", instruction)
+    return tuple(x.strip() for x in found.group(1).split(",")) if found else ()
 
 
 @cache
