@@ -14,7 +14,8 @@ from blsp.errors import BlspError
 from blsp.inference.generate import GenerationParams, generate_prepared, prepare_conversation
 from blsp.inference.pipeline import SpeechPipeline
 from blsp.serving.engine import BatchEngine
-from blsp.serving.openai_api import ApiError, ServerSettings, generation_params, parse_messages
+from blsp.serving.messages import parse_messages
+from blsp.serving.openai_api import ApiError, ServerSettings, generation_params
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:

@@ -20,7 +20,8 @@ import pytest
 import soundfile as sf
 
 from blsp.errors import BlspError
-from blsp.serving.openai_api import ApiError, ServerSettings, parse_messages
+from blsp.serving.messages import parse_messages
+from blsp.serving.openai_api import ApiError, ServerSettings
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -42,297 +42,71 @@ the operator starts it with ``--allow-local-files --local-files-root DIR`` / ``-
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blsp.errors import BlspError
+from blsp.serving.audio_sources import AudioRef, fetch_audio
+from blsp.serving.messages import parse_messages
+from blsp.serving.middleware import (
+    LOOPBACK_HOSTS,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    BodyTooLarge,
+    HostCheckMiddleware,
+)
 from blsp.serving.openai_api import (
     ApiError,
     AudioForm,
-    AudioRef,
     ServerSettings,
     as_api_error,
     check_model,
-    chunk,
-    completion,
     error_body,
-    finish_reason,
     generation_params,
-    load_audio,
-    model_card,
-    new_id,
     parse_chat_request,
     parse_json_body,
-    parse_messages,
     validation_error,
 )
+from blsp.serving.responses import audio_response, chunk, completion, finish_reason, model_card, new_id
 
 logger = logging.getLogger(__name__)
 
 
-class BodyTooLarge(Exception):
-    pass
+@dataclass
+class ServerState:
+    """What the routes share (``app.state.server``): the engine, the settings and the decode pool."""
 
+    engine: Any
+    settings: ServerSettings
+    decoder: ThreadPoolExecutor
+    created: int
+    decoding: int = 0  # decode tasks queued or running
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413 (declared or streamed), in the OpenAI shape.
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
 
-    A body declared too large is read and discarded (up to a bound) before answering, so that the
-    client, still uploading, reads the 413 instead of a reset connection.
-    """
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _message(self, size: int | None) -> bytes:
-        what = f"{size} bytes" if size is not None else "larger than the limit"
-        msg = f"request body is {what}; this server accepts at most {self.max_bytes} bytes (--max-body-mb)"
-        return json.dumps(error_body(msg, code="request_too_large")).encode()
-
-    async def _send_413(self, send: Any, size: int | None) -> None:
-        body = self._message(size)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = None
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    declared = None
-        if declared is not None and declared > self.max_bytes:
-            drained, cap = 0, max(16 * self.max_bytes, 64 << 20)
-            while drained < min(declared, cap):
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                drained += len(msg.get("body", b""))
-                if not msg.get("more_body"):
-                    break
-            return await self._send_413(send, declared)
-
-        received = 0
-        started = False
-
-        async def limited_receive() -> Any:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge()
-            return msg
-
-        async def tracking_send(msg: Any) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._send_413(send, None)
-
-
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-
-
-async def _send_error(
-    send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()
-) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-def _header(scope: Any, name: bytes) -> str | None:
-    for k, v in scope.get("headers", []):
-        if k == name:
-            return v.decode("latin-1")
-    return None
-
-
-class HostCheckMiddleware:
-    """Answer only requests whose ``Host`` header names an allowed host (any port): DNS rebinding.
-
-    A web page on an attacker's domain that re-points its name to 127.0.0.1 still sends its own
-    name as ``Host``; a server bound to loopback therefore accepts only ``localhost``,
-    ``127.0.0.1`` and ``[::1]`` (plus ``--allowed-host`` names).
-    """
-
-    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
-        self.app = app
-        self.allowed = {h.lower().strip() for h in allowed}
-
-    @staticmethod
-    def hostname(host: str) -> str:
-        host = host.strip().lower()
-        if host.startswith("["):
-            return host[: host.find("]") + 1] if "]" in host else host
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket"):
-            host = _header(scope, b"host") or ""
-            if self.hostname(host) not in self.allowed:
-                if scope["type"] == "websocket":
-                    return await send({"type": "websocket.close", "code": 1008})
-                msg = (
-                    f"Host header {host[:100]!r} is not allowed on this server; allowed: "
-                    f"{', '.join(sorted(self.allowed))} (the operator can add names with --allowed-host)"
-                )
-                return await _send_error(send, 400, error_body(msg, code="invalid_host"))
-        await self.app(scope, receive, send)
-
-
-class ApiKeyMiddleware:
-    """Bearer authentication (``Authorization: Bearer KEY``) on every ``/v1`` route: 401 otherwise."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.key = api_key.encode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] == "http"
-            and scope.get("path", "").startswith("/v1")
-            and scope.get("method") != "OPTIONS"
-        ):
-            auth = _header(scope, b"authorization") or ""
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                msg = "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
-            elif not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
-                msg = "Incorrect API key provided"
-            else:
-                return await self.app(scope, receive, send)
-            return await _send_error(
-                send,
-                401,
-                error_body(msg, code="invalid_api_key"),
-                [(b"www-authenticate", b'Bearer realm="blsp"')],
-            )
-        await self.app(scope, receive, send)
-
-
-def create_app(
-    pipeline: Any, settings: ServerSettings, batching: str = "continuous", engine_factory: Any = None
-) -> Any:
-    """The FastAPI application serving ``pipeline`` under ``settings`` (the engine starts with it).
-
-    ``batching``: ``"continuous"`` (requests join a running batch) or ``"static"``.
-    ``engine_factory``: builds the engine instead of blsp's own (``make_engine``'s signature),
-    e.g. the vLLM engine of ``blsp.inference.vllm_engine``.
-    """
-    from blsp.serving.engine import make_engine
-
-    engine = (engine_factory or make_engine)(
-        pipeline,
-        batching,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        max_queue=settings.max_queue,
-    )
-    decoder = ThreadPoolExecutor(
-        max_workers=max(1, settings.decode_workers), thread_name_prefix="blsp-decode"
-    )
-    decoding = 0  # decode tasks queued or running
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        engine.start()
-        try:
-            yield
-        finally:
-            engine.stop()
-            decoder.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="BLSP speech-language model server", version="0.1.0", lifespan=lifespan)
-    app.state.engine = engine
-    app.state.settings = settings
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
-        msg = f"request body is larger than {settings.max_body_bytes} bytes (--max-body-mb)"
-        return JSONResponse(error_body(msg, code="request_too_large"), status_code=413)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = validation_error(list(e.errors()))
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = f"{request.method} {request.url.path[:200]}: {e.detail}"
-        return JSONResponse(
-            error_body(msg, code=None if e.status_code != 404 else "not_found"),
-            status_code=e.status_code,
-            headers=getattr(e, "headers", None),
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        # Anything not foreseen: still the OpenAI shape (the traceback goes to the log).
-        logger.error("unexpected error on %s %s: %r", request.method, request.url.path[:200], e)
-        return JSONResponse(
-            error_body("internal server error; see the server log", type="server_error"), status_code=500
-        )
-
-    def deadline_error() -> ApiError:
+    def deadline_error(self) -> ApiError:
         return ApiError(
             504,
-            f"the request took longer than {settings.request_timeout_s:g} s (--request-timeout-s)",
+            f"the request took longer than {self.settings.request_timeout_s:g} s (--request-timeout-s)",
             type="server_error",
             code="timeout",
         )
 
-    async def guard(request: Request, fut: Any, deadline: float, job: Any = None) -> Any:
+    async def guard(self, request: Request, fut: Any, deadline: float, job: Any = None) -> Any:
         """``fut``'s result (a failure as an API error), unless the client leaves, the deadline
         passes or the model worker dies first (then the job, if any, is cancelled)."""
         while True:
@@ -349,223 +123,340 @@ def create_app(
             if await request.is_disconnected():
                 failure = ApiError(499, "client disconnected")
             elif time.monotonic() >= deadline:
-                failure = deadline_error()
-            elif job is not None and not engine.alive:
+                failure = self.deadline_error()
+            elif job is not None and not self.engine.alive:
                 from blsp.serving.engine import EngineUnavailable
 
                 failure = as_api_error(EngineUnavailable("the model worker is not running"))
             if failure is not None:
                 if job is not None:
-                    engine.cancel(job)
+                    self.engine.cancel(job)
                 raise failure
 
-    async def off_loop(request: Request, deadline: float, fn: Any, *args: Any) -> Any:
+    async def off_loop(self, request: Request, deadline: float, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the bounded decode pool (not the event loop, not the model worker)."""
-        nonlocal decoding
-        if decoding >= settings.max_queue:
+        limit = self.settings.max_queue
+        if self.decoding >= limit:
             raise ApiError(
                 503,
-                f"the server has {settings.max_queue} requests decoding audio (--max-queue); try again later",
+                f"the server has {limit} requests decoding audio (--max-queue); try again later",
                 type="server_error",
                 code="server_overloaded",
             )
-        decoding += 1
+        self.decoding += 1
         try:
-            return await guard(request, asyncio.wrap_future(decoder.submit(fn, *args)), deadline)
+            return await self.guard(request, asyncio.wrap_future(self.decoder.submit(fn, *args)), deadline)
         finally:
-            decoding -= 1
+            self.decoding -= 1
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "")
-        if ctype and "json" not in ctype:
-            raise ApiError(415, f"send the request as application/json, not {ctype[:100]}")
-        raw = await request.body()
-        return await run_in_threadpool(parse_json_body, raw)
-
-    def submit(conv: list[dict[str, Any]], params: Any, stream: bool = False) -> Any:
+    def submit(self, conv: list[dict[str, Any]], params: Any, stream: bool = False) -> Any:
         try:
-            return engine.submit(conv, params, stream=stream)
+            return self.engine.submit(conv, params, stream=stream)
         except Exception as e:
             raise as_api_error(e) from e
 
-    def alive() -> None:
+    def check_alive(self) -> None:
         try:
-            engine.check_alive()
+            self.engine.check_alive()
         except Exception as e:
             raise as_api_error(e) from e
 
-    def prompt_check(max_new_tokens: int) -> Any:
-        return lambda conv: engine.check_prompt(conv, max_new_tokens)
+    def prompt_check(self, max_new_tokens: int) -> Any:
+        return lambda conv: self.engine.check_prompt(conv, max_new_tokens)
 
-    async def next_event(request: Request, job: Any, deadline: float) -> tuple[str, Any]:
+    async def next_event(self, request: Request, job: Any, deadline: float) -> tuple[str, Any]:
         getter = asyncio.ensure_future(job.events.get())
         try:
-            return await guard(request, getter, deadline, job)
+            return await self.guard(request, getter, deadline, job)
         finally:
             if not getter.done():
                 getter.cancel()
 
-    # ------------------------------------------------------------------ routes
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok = engine.alive
-        return JSONResponse(
-            {"status": "ok" if ok else "error", "model": settings.model_name, "engine": engine.stats()},
-            status_code=200 if ok else 503,
-        )
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(settings, created)]}
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict[str, Any]:
-        check_model(model_id, settings)
-        return model_card(settings, created)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        deadline = time.monotonic() + settings.request_timeout_s
-        body = await read_json(request)
-        req = await run_in_threadpool(parse_chat_request, body, settings)
-        check_model(req.model, settings)
-        params = generation_params(req, settings)
-        alive()  # a dead worker fails the request now (503), before any decoding
-        conv = await off_loop(
-            request, deadline, parse_messages, req.messages, settings, prompt_check(params.max_new_tokens)
-        )
-        if not req.stream:
-            job = submit(conv, params)
-            result = await guard(request, job.future, deadline, job)
-            return completion(result, settings.model_name)
+@asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    state: ServerState = app.state.server
+    state.engine.start()
+    try:
+        yield
+    finally:
+        state.engine.stop()
+        state.decoder.shutdown(wait=False, cancel_futures=True)
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        job = submit(conv, params, stream=True)
-        kind, value = await next_event(request, job, deadline)  # "ready": the prompt was accepted
-        if kind == "error":
-            raise as_api_error(value)
-        cid, created_at = new_id(), int(time.time())
 
-        async def events() -> AsyncIterator[str]:
-            def sse(obj: Any) -> str:
-                return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+# ----------------------------------------------------------------------------- errors
+async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
+
+async def on_body_too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+    limit = server_state(request).settings.max_body_bytes
+    msg = f"request body is larger than {limit} bytes (--max-body-mb)"
+    return JSONResponse(error_body(msg, code="request_too_large"), status_code=413)
+
+
+async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    err = validation_error(list(e.errors()))
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    msg = f"{request.method} {request.url.path[:200]}: {e.detail}"
+    return JSONResponse(
+        error_body(msg, code=None if e.status_code != 404 else "not_found"),
+        status_code=e.status_code,
+        headers=getattr(e, "headers", None),
+    )
+
+
+async def on_unexpected_error(request: Request, e: Exception) -> JSONResponse:
+    # Anything not foreseen: still the OpenAI shape (the traceback goes to the log).
+    logger.error("unexpected error on %s %s: %r", request.method, request.url.path[:200], e)
+    return JSONResponse(
+        error_body("internal server error; see the server log", type="server_error"), status_code=500
+    )
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    ApiError: on_api_error,
+    BodyTooLarge: on_body_too_large,
+    RequestValidationError: on_validation_error,
+    StarletteHTTPException: on_http_error,
+    Exception: on_unexpected_error,
+}
+
+# ----------------------------------------------------------------------------- routes
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = server_state(request)
+    ok = state.engine.alive
+    return JSONResponse(
+        {
+            "status": "ok" if ok else "error",
+            "model": state.settings.model_name,
+            "engine": state.engine.stats(),
+        },
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    return {"object": "list", "data": [model_card(state.settings, state.created)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    check_model(model_id, state.settings)
+    return model_card(state.settings, state.created)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "")
+    if ctype and "json" not in ctype:
+        raise ApiError(415, f"send the request as application/json, not {ctype[:100]}")
+    raw = await request.body()
+    return await run_in_threadpool(parse_json_body, raw)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    state = server_state(request)
+    settings = state.settings
+    deadline = state.deadline()
+    body = await read_json(request)
+    req = await run_in_threadpool(parse_chat_request, body, settings)
+    check_model(req.model, settings)
+    params = generation_params(req, settings)
+    state.check_alive()  # a dead worker fails the request now (503), before any decoding
+    conv = await state.off_loop(
+        request, deadline, parse_messages, req.messages, settings, state.prompt_check(params.max_new_tokens)
+    )
+    if not req.stream:
+        job = state.submit(conv, params)
+        result = await state.guard(request, job.future, deadline, job)
+        return completion(result, settings.model_name)
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    job = state.submit(conv, params, stream=True)
+    kind, value = await state.next_event(request, job, deadline)  # "ready": the prompt was accepted
+    if kind == "error":
+        raise as_api_error(value)
+    return StreamingResponse(
+        chat_events(request, state, job, deadline, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def chat_events(
+    request: Request, state: ServerState, job: Any, deadline: float, include_usage: bool
+) -> AsyncIterator[str]:
+    """The stream of a chat completion whose prompt was accepted, in the OpenAI chunk format."""
+    cid, created_at, name = new_id(), int(time.time()), state.settings.model_name
+    try:
+        yield sse(chunk(cid, created_at, name, {"role": "assistant", "content": ""}))
+        while True:
             try:
-                yield sse(chunk(cid, created_at, settings.model_name, {"role": "assistant", "content": ""}))
-                while True:
-                    try:
-                        kind, value = await next_event(request, job, deadline)
-                    except ApiError as e:
-                        kind, value = "error", e
-                    if kind == "delta":
-                        yield sse(chunk(cid, created_at, settings.model_name, {"content": value}))
-                    elif kind == "done":
-                        yield sse(chunk(cid, created_at, settings.model_name, {}, finish_reason(value)))
-                        if include_usage:
-                            yield sse(chunk(cid, created_at, settings.model_name, {}, with_usage=value))
-                        break
-                    elif kind == "error":
-                        yield sse(as_api_error(value).body())
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                engine.cancel(job)  # finished, failed or the client went away: stop its row
+                kind, value = await state.next_event(request, job, deadline)
+            except ApiError as e:
+                kind, value = "error", e
+            if kind == "delta":
+                yield sse(chunk(cid, created_at, name, {"content": value}))
+            elif kind == "done":
+                yield sse(chunk(cid, created_at, name, {}, finish_reason(value)))
+                if include_usage:
+                    yield sse(chunk(cid, created_at, name, {}, with_usage=value))
+                break
+            elif kind == "error":
+                yield sse(as_api_error(value).body())
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        state.engine.cancel(job)  # finished, failed or the client went away: stop its row
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
 
-    async def audio_form(request: Request) -> tuple[AudioForm, Any]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise ApiError(415, "send the audio as multipart/form-data with a 'file' field", param="file")
-        form = await request.form(max_files=1, max_fields=32)
-        fields: dict[str, Any] = {}
-        upload = None
-        for key, value in form.multi_items():
-            if key == "file":
-                upload = value
-            elif not isinstance(value, str):
-                raise ApiError(
-                    400, f"{key[:100]}: a file was sent where a form field belongs", param=key[:100]
-                )
-            elif key == "timestamp_granularities[]":
-                fields.setdefault(key, []).append(value)
-            else:
-                fields[key] = value
-        try:
-            parsed = AudioForm.model_validate(fields)
-        except ValidationError as e:
-            raise validation_error(e) from e
-        parsed.check_supported()
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "file: a multipart file upload named 'file' is required", param="file")
-        return parsed, upload
-
-    async def audio_task(request: Request, task: str) -> Any:
-        from blsp.data.audio import KNOWN_FORMATS
-        from blsp.inference.generate import GenerationParams
-
-        deadline = time.monotonic() + settings.request_timeout_s
-        form, upload = await audio_form(request)
-        check_model(form.model, settings)
-        if task == "transcribe":
-            from blsp.instructions import task_instruction
-
-            instruction, language = task_instruction("asr"), form.language or "english"
+async def audio_form(request: Request) -> tuple[AudioForm, Any]:
+    """The form fields and the uploaded ``file`` of an audio endpoint (400/415 when malformed)."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise ApiError(415, "send the audio as multipart/form-data with a 'file' field", param="file")
+    form = await request.form(max_files=1, max_fields=32)
+    fields: dict[str, Any] = {}
+    upload = None
+    for key, value in form.multi_items():
+        if key == "file":
+            upload = value
+        elif not isinstance(value, str):
+            raise ApiError(400, f"{key[:100]}: a file was sent where a form field belongs", param=key[:100])
+        elif key == "timestamp_granularities[]":
+            fields.setdefault(key, []).append(value)
         else:
-            instruction, language = translation(form)
-        alive()
-        data = await upload.read()
-        name = (upload.filename or "upload")[:200]
-        suffix = name.rsplit(".", 1)[-1].lower() if "." in name else None
-        ref = AudioRef(f"file {name!r}", data=data, fmt=suffix if suffix in KNOWN_FORMATS else None)
-        conv = [
-            {
-                "role": "user",
-                "content": [{"type": "text", "text": instruction}, {"type": "audio", "audio": ref}],
-            }
-        ]
-        params = GenerationParams(max_new_tokens=settings.max_tokens_limit, temperature=form.temperature)
-        conv = await off_loop(
-            request, deadline, load_audio, conv, [ref], settings, prompt_check(params.max_new_tokens)
+            fields[key] = value
+    try:
+        parsed = AudioForm.model_validate(fields)
+    except ValidationError as e:
+        raise validation_error(e) from e
+    parsed.check_supported()
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "file: a multipart file upload named 'file' is required", param="file")
+    return parsed, upload
+
+
+def translation(form: AudioForm, settings: ServerSettings) -> tuple[str, str]:
+    """The instruction and target language of a translation: into English unless asked otherwise."""
+    from blsp.evaluation.tasks import LANGUAGE_NAMES, lang_code, translation_instruction
+
+    target = form.target_language or settings.translation_language
+    try:
+        tgt = lang_code(target)
+    except BlspError as e:
+        raise ApiError(400, str(e), param="target_language") from e
+    source = form.language or ("English" if tgt != "en" else settings.translation_source_language)
+    try:
+        src = lang_code(source) if source is not None else None
+    except BlspError as e:
+        raise ApiError(400, str(e), param="language") from e
+    if src == tgt:
+        raise ApiError(
+            400,
+            f"source and target language are both {LANGUAGE_NAMES[src]}; use /v1/audio/transcriptions",
+            param="target_language",
         )
-        duration = len(conv[0]["content"][1]["audio"]) / 16000
-        job = submit(conv, params)
-        result = await guard(request, job.future, deadline, job)
-        return audio_response(form, task, language, duration, result)
+    return translation_instruction(src, tgt), LANGUAGE_NAMES[tgt].lower()
 
-    def translation(form: AudioForm) -> tuple[str, str]:
-        """The instruction and target language of a translation: into English unless asked otherwise."""
-        from blsp.evaluation.tasks import LANGUAGE_NAMES, lang_code, translation_instruction
 
-        target = form.target_language or settings.translation_language
-        try:
-            tgt = lang_code(target)
-        except BlspError as e:
-            raise ApiError(400, str(e), param="target_language") from e
-        source = form.language or ("English" if tgt != "en" else settings.translation_source_language)
-        try:
-            src = lang_code(source) if source is not None else None
-        except BlspError as e:
-            raise ApiError(400, str(e), param="language") from e
-        if src == tgt:
-            raise ApiError(
-                400,
-                f"source and target language are both {LANGUAGE_NAMES[src]}; use /v1/audio/transcriptions",
-                param="target_language",
-            )
-        return translation_instruction(src, tgt), LANGUAGE_NAMES[tgt].lower()
+async def answer_audio(request: Request, task: str) -> Any:
+    """``/v1/audio/transcriptions`` (``task="transcribe"``) and ``/v1/audio/translations`` (``"translate"``)."""
+    from blsp.data.audio import KNOWN_FORMATS
+    from blsp.inference.generate import GenerationParams
 
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request) -> Any:
-        return await audio_task(request, "transcribe")
+    state = server_state(request)
+    settings = state.settings
+    deadline = state.deadline()
+    form, upload = await audio_form(request)
+    check_model(form.model, settings)
+    if task == "transcribe":
+        from blsp.instructions import task_instruction
 
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request) -> Any:
-        return await audio_task(request, "translate")
+        instruction, language = task_instruction("asr"), form.language or "english"
+    else:
+        instruction, language = translation(form, settings)
+    state.check_alive()
+    data = await upload.read()
+    name = (upload.filename or "upload")[:200]
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else None
+    ref = AudioRef(f"file {name!r}", data=data, fmt=suffix if suffix in KNOWN_FORMATS else None)
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": instruction}, {"type": "audio", "audio": ref}],
+        }
+    ]
+    params = GenerationParams(max_new_tokens=settings.max_tokens_limit, temperature=form.temperature)
+    conv = await state.off_loop(
+        request, deadline, fetch_audio, conv, [ref], settings, state.prompt_check(params.max_new_tokens)
+    )
+    duration = len(conv[0]["content"][1]["audio"]) / 16000
+    job = state.submit(conv, params)
+    result = await state.guard(request, job.future, deadline, job)
+    return audio_response(form, task, language, duration, result)
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(request: Request) -> Any:
+    return await answer_audio(request, "transcribe")
+
+
+@router.post("/v1/audio/translations")
+async def translations(request: Request) -> Any:
+    return await answer_audio(request, "translate")
+
+
+# ----------------------------------------------------------------------------- the app
+def create_app(
+    pipeline: Any, settings: ServerSettings, batching: str = "continuous", engine_factory: Any = None
+) -> Any:
+    """The FastAPI application serving ``pipeline`` under ``settings`` (the engine starts with it).
+
+    ``batching``: ``"continuous"`` (requests join a running batch) or ``"static"``.
+    ``engine_factory``: builds the engine instead of blsp's own (``make_engine``'s signature),
+    e.g. the vLLM engine of ``blsp.inference.vllm_engine``. The routes are the module's
+    functions; what they share is the :class:`ServerState` in ``app.state.server``.
+    """
+    from blsp.serving.engine import make_engine
+
+    engine = (engine_factory or make_engine)(
+        pipeline,
+        batching,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_queue=settings.max_queue,
+    )
+    decoder = ThreadPoolExecutor(
+        max_workers=max(1, settings.decode_workers), thread_name_prefix="blsp-decode"
+    )
+    app = FastAPI(title="BLSP speech-language model server", version="0.1.0", lifespan=lifespan)
+    app.state.server = ServerState(engine, settings, decoder, created=int(time.time()))
+    app.state.engine = engine
+    app.state.settings = settings
+    for exc, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.include_router(router)
 
     # Outermost last: Host check, CORS (only when enabled), API key, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -583,48 +474,6 @@ def create_app(
     if settings.allowed_hosts is not None:
         app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     return app
-
-
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = int(round(seconds * 1000))
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    s, ms = divmod(rest, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def audio_response(form: AudioForm, task: str, language: str, duration: float, result: Any) -> Any:
-    """The answer of an audio endpoint in ``form.response_format`` (srt/vtt: one segment, the clip)."""
-    text = result.text
-    fmt = form.response_format
-    if fmt == "text":
-        return PlainTextResponse(text + "\n")
-    if fmt == "srt":
-        return PlainTextResponse(f"1\n{_timestamp(0, ',')} --> {_timestamp(duration, ',')}\n{text}\n\n")
-    if fmt == "vtt":
-        return PlainTextResponse(
-            f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(duration, '.')}\n{text}\n\n",
-            media_type="text/vtt",
-        )
-    if fmt == "verbose_json":
-        segment = {
-            "id": 0,
-            "seek": 0,
-            "start": 0.0,
-            "end": round(duration, 3),
-            "text": text,
-            "tokens": list(result.token_ids),
-            "temperature": form.temperature,
-        }
-        return {
-            "task": task,
-            "language": language,
-            "duration": round(duration, 3),
-            "text": text,
-            "segments": [segment],
-            "words": [],
-        }
-    return {"text": text}
 
 
 def serve(
