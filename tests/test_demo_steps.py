@@ -20,7 +20,7 @@ def test_the_shipped_adapter_is_evaluated_beside_the_demo_systems_on_its_own_mod
 
 def test_every_paper_recipe_starts_from_the_demos_warm_start_and_one_from_scratch(tmp_path):
     steps = {s.name: s for s in demo.build_steps(tmp_path, demo.PRESETS["default"])}
-    warm = "model.init_from=" + demo._rel(tmp_path / "runs" / "align_ctc" / "final")
+    warm = "model.init_from=" + demo.display_path(tmp_path / "runs" / "align_ctc" / "final")
     assert steps["train_align_ctc"].argv[:3] == ["blsp", "train", "align_ctc"]  # a shipped recipe
     for name in demo.WARM:
         st = steps[f"train_{name}"]

@@ -212,14 +212,14 @@ def test_demo_report_shows_gap_flag_and_distinct_answers(tmp_path):
             "text_llm": {"content@t": {"n": 3, "failed": 0, "status": "n/a: only a speech adapter"}},
         },
     }
-    md = "\n".join(demo._speech_use_section(results, tmp_path))
+    md = "\n".join(demo.speech_use_section(results, tmp_path))
     assert "| BLSP | 2.000 | 2.050 | 0.050 | does not use the speech (gap < 0.1 nats) | asr 1/3 |" in md
     assert "| BLSP+RP | 1.000 | 1.500 | 0.500 | uses the speech (gap >= 0.1 nats) | – |" in md
     assert "Text+LLM" not in md  # trained systems only
     # no intervals in these results: the verdict on the demo's own adapters is not checked
     assert "use the speech (gap above 0.3 nats, the whole 95 % interval, on every one)? **not checked**" in md
     results["tasks"] = results["tasks"][:1]
-    assert demo._speech_use_section(results, tmp_path) == []  # no content task in the eval: no section
+    assert demo.speech_use_section(results, tmp_path) == []  # no content task in the eval: no section
 
 
 def test_evaluation_and_data_import_share_a_non_empty_spelling_map():

@@ -33,9 +33,9 @@ from blsp.demo.presets import (
     USES_SPEECH_NATS,
     WARM,
 )
-from blsp.demo.report import _speech_use_section, machine_info, write_report
+from blsp.demo.report import machine_info, speech_use_section, write_report
 from blsp.demo.runner import run_pipeline
-from blsp.demo.steps import Step, _rel, build_steps, write_sentences
+from blsp.demo.steps import Step, build_steps, display_path, write_sentences
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -50,8 +50,8 @@ __all__ = [
     "USES_SPEECH_NATS",
     "WARM",
     "Step",
-    "_rel",
-    "_speech_use_section",
+    "display_path",
+    "speech_use_section",
     "build_steps",
     "machine_info",
     "run_pipeline",

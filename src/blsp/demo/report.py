@@ -57,7 +57,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _load_json(path: Path) -> Any:
+def load_json_or_none(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -114,13 +115,15 @@ def write_report(out: Path) -> Path:
     """Write ``out/report.md`` from ``steps.json`` and the steps' JSON outputs; returns its path."""
     from blsp.utils.io import atomic_write_text
 
-    rec = _load_json(out / "steps.json") or {}
+    rec = load_json_or_none(out / "steps.json") or {}
     steps = rec.get("steps", {})
     p = rec.get("params", {})
     m = rec.get("machine") or machine_info()
-    results = _load_json(out / "eval" / "results.json")
-    reprs = {n: _load_json(out / "repr" / f"representations_{n}.json") for n in ("asr_pretrain", "blsp")}
-    summaries = {n: _load_json(out / "runs" / n / "summary.json") for n in RECIPES}
+    results = load_json_or_none(out / "eval" / "results.json")
+    reprs = {
+        n: load_json_or_none(out / "repr" / f"representations_{n}.json") for n in ("asr_pretrain", "blsp")
+    }
+    summaries = {n: load_json_or_none(out / "runs" / n / "summary.json") for n in RECIPES}
     L: list[str] = ["# BLSP demo report", ""]
     L.append(
         f"Preset `{rec.get('preset', '?')}`, encoder `{(rec.get('models') or {}).get('encoder', DEFAULT_ENCODER)}`, "
@@ -220,7 +223,7 @@ def write_report(out: Path) -> Path:
         ]
 
     L += _eval_section(results)
-    L += _speech_use_section(results, out)
+    L += speech_use_section(results, out)
     L += _repr_section(reprs, out)
     L += _findings(results, reprs, summaries, out)
     L += [
@@ -320,7 +323,7 @@ def _eval_section(results: dict[str, Any] | None) -> list[str]:
     return L
 
 
-def _speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
+def speech_use_section(results: dict[str, Any] | None, out: Path) -> list[str]:
     """Per trained system: the content gap and its flag, the distinct answers of each generation task,
     whether the demo's own adapters use the speech, and the measured curve that says how long it takes."""
     from blsp.evaluation.scoring import speech_verdict

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from blsp.demo.presets import DEFAULT_ENCODER, DEFAULT_LLM, EVAL_PARAMS, EVAL_STEPS, PRESETS
-from blsp.demo.report import _load_json, machine_info, write_report
-from blsp.demo.steps import Step, _rel, build_steps, write_sentences
+from blsp.demo.report import load_json_or_none, machine_info, write_report
+from blsp.demo.steps import Step, build_steps, display_path, write_sentences
 
 
 def run_pipeline(
@@ -44,7 +44,7 @@ def run_pipeline(
     if bad:
         raise BlspError(f"--force: unknown step(s) {bad}; steps: {', '.join(sorted(known))}")
     record_path = out / "steps.json"
-    record: dict[str, Any] = _load_json(record_path) or {}
+    record: dict[str, Any] = load_json_or_none(record_path) or {}
     if record.get("preset") not in (None, preset):
         print(
             f"note: {out} was last run with preset {record.get('preset')!r}; now {preset!r}", file=sys.stderr
@@ -66,7 +66,7 @@ def run_pipeline(
         cmd = " ".join(shlex.quote(a) for a in st.argv or [])
         # a step reruns when asked, or when a step it depends on ran again (its outputs changed)
         forced = "all" in force or st.name in force or any(d in ran for d in st.needs)
-        prev = _load_json(marker) if marker.is_file() else None
+        prev = load_json_or_none(marker) if marker.is_file() else None
         if prev is not None and prev.get("key") != key:  # another command: redo
             forced = True
         if prev is not None and all(o.exists() for o in st.outputs) and not forced:
@@ -109,9 +109,9 @@ def run_pipeline(
                 [sys.executable, "-m", "blsp.cli", *argv[1:]], stdout=fh, stderr=subprocess.STDOUT, env=env
             )
         wall = round(time.perf_counter() - t0, 1)
-        missing = [_rel(o) for o in st.outputs if not o.exists()]
+        missing = [display_path(o) for o in st.outputs if not o.exists()]
         ok = rc == 0 and not missing
-        summary = _load_json(st.outputs[-1]) if st.name.startswith("train_") and ok else None
+        summary = load_json_or_none(st.outputs[-1]) if st.name.startswith("train_") and ok else None
         if summary is not None and not summary.get("samples"):
             ok = False  # a run that skipped every example trained nothing
             missing.append("usable training examples (summary.json: samples=0)")
@@ -121,7 +121,7 @@ def run_pipeline(
             "status": "ok" if ok else "failed",
             "returncode": rc,
             "wall_s": wall,
-            "log": _rel(log_path),
+            "log": display_path(log_path),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "key": key,
         }
@@ -135,7 +135,8 @@ def run_pipeline(
             atomic_write_json(marker, entry)
         atomic_write_json(record_path, record)
         print(
-            f"  -> {entry['status']} in {wall} s" + ("" if ok else f" (rc {rc}; see {_rel(log_path)})"),
+            f"  -> {entry['status']} in {wall} s"
+            + ("" if ok else f" (rc {rc}; see {display_path(log_path)})"),
             flush=True,
         )
         if stop_after == st.name:

@@ -23,7 +23,8 @@ class Step:
     func: Callable[[], None] | None = None
 
 
-def _rel(p: Path) -> str:
+def display_path(p: Path) -> str:
+    """``p`` relative to the working folder when it is below it, else absolute (for commands and logs)."""
     try:
         rel = os.path.relpath(p)
     except ValueError:
@@ -43,7 +44,7 @@ def build_steps(
     )
     ts = out / "testsets"
     cache = out / "cache" / "encoder"
-    r = _rel
+    r = display_path
     steps = [
         Step(
             "synth",

@@ -228,13 +228,13 @@ def item_cosines(npz: str | Path) -> dict[str, dict[str, float]]:
     """Per utterance, from a representation run's ``.npz``: ``paired`` (cosine of its speech and its
     transcript, mean over instructions) and ``cross`` (cosine of its speech under two different
     instructions, mean over pairs): the items that paired comparisons of two models resample."""
-    from blsp.evaluation.metrics import _unit
+    from blsp.evaluation.metrics import unit_vectors
 
     with np.load(npz) as z:
         ids = [str(i) for i in z["ids"]]
         names = sorted(k[len("speech_") :] for k in z.files if k.startswith("speech_"))
-        speech = {k: _unit(z[f"speech_{k}"]) for k in names}
-        text = {k: _unit(z[f"text_{k}"]) for k in names if f"text_{k}" in z.files}
+        speech = {k: unit_vectors(z[f"speech_{k}"]) for k in names}
+        text = {k: unit_vectors(z[f"text_{k}"]) for k in names if f"text_{k}" in z.files}
     paired = np.mean([(speech[k] * text[k]).sum(-1) for k in text], axis=0) if text else None
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     cross = np.mean([(speech[a] * speech[b]).sum(-1) for a, b in pairs], axis=0) if pairs else None

@@ -218,7 +218,8 @@ def accuracy(predicted: Sequence[str | None], gold: Sequence[str]) -> dict[str, 
 # Representation similarity (paper Tables 7/8, 12/13)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_vectors(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` (last axis) scaled to length 1, in float64."""
     x = np.asarray(x, dtype=np.float64)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, 1e-12)
@@ -229,7 +230,7 @@ def paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"need two [N, D] arrays of one shape, got {a.shape} and {b.shape}")
-    return float(np.mean(np.sum(_unit(a) * _unit(b), axis=-1)))
+    return float(np.mean(np.sum(unit_vectors(a) * unit_vectors(b), axis=-1)))
 
 
 def cross_instruction_table(reps: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -256,7 +257,7 @@ def unpaired_cosine(a: np.ndarray, b: np.ndarray) -> float | None:
     n = a.shape[0]
     if n < 2:
         return None
-    sims = _unit(a) @ _unit(b).T
+    sims = unit_vectors(a) @ unit_vectors(b).T
     return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
 
 

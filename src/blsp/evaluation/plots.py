@@ -15,7 +15,8 @@ INSTRUCTION_COLORS = {"CW": "tab:orange", "SA": "tab:red", "SR": "tab:blue", "ST
 _EXTRA_COLORS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -24,7 +25,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write (creating the folder) and close a figure; returns the path."""
     import matplotlib.pyplot as plt
 
@@ -66,7 +67,7 @@ def plot_tsne(
     ``highlight`` paired speech/text inputs (the first ones, under every instruction) are joined by
     dashed lines and circled, as in Figure 3.
     """
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in speech if k in text]
     blocks, meta = [], []
     for k in keys:
@@ -95,7 +96,7 @@ def plot_tsne(
     if title:
         ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="best", frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_progress(
@@ -105,7 +106,7 @@ def plot_progress(
     title: str = "",
 ) -> Path:
     """Figure 4: one panel per metric, metric vs training step."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(series)
     fig, axes = plt.subplots(
         1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), dpi=120, squeeze=False
@@ -123,7 +124,7 @@ def plot_progress(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lines(
@@ -134,7 +135,7 @@ def plot_lines(
     title: str = "",
 ) -> Path:
     """Several named curves on one axis (e.g. each recipe's training loss)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
     for name, pts in series.items():
         pts = sorted(pts)
@@ -147,12 +148,12 @@ def plot_lines(
         ax.set_title(title, fontsize=10)
     if series:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cosine_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
     """A small heatmap of a Table 7/12 style cosine table (optional companion picture)."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = list(table)
     m = np.array([[table[a][b] for b in keys] for a in keys])
     fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
@@ -173,4 +174,4 @@ def cosine_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, t
     fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -124,7 +124,7 @@ def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     """
     import yaml
 
-    from blsp.evaluation.plots import _pyplot, _save
+    from blsp.evaluation.plots import pyplot, save_figure
     from blsp.training import checkpoint as ck
     from blsp.utils.io import atomic_write_json
 
@@ -178,7 +178,7 @@ def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
             last = ck.latest_checkpoint(run / "checkpoints")
             last_samples, last_hours = (progress_at(last) if last else None) or (0, 0.0)
         prev_total, prev_run = (last_samples, last_hours), run.resolve()
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
     for ax, key, label in ((axes[0], "samples", "samples seen"), (axes[1], "cpu_hours", "training hours")):
         ax.plot([p[key] for p in points], [p["gap"] for p in points], "o-", ms=3)
@@ -188,6 +188,6 @@ def learning_curve(runs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     out = Path(out_dir)
-    png = _save(fig, out / "learning_curve.png")
+    png = save_figure(fig, out / "learning_curve.png")
     atomic_write_json(out / "learning_curve.json", {"runs": [str(r) for r in runs], "points": points})
     return {"png": str(png), "points": points}

@@ -9,7 +9,8 @@ import sys
 logger = logging.getLogger(__name__)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model arguments of chat, generate and serve: adapter, --device, --dtype, --quantization."""
     p.add_argument(
         "adapter",
         nargs="?",
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Lines with unreadable audio are skipped with the path and reason, and counted."
         ),
     )
-    _model_args(g)
+    add_model_args(g)
     g.add_argument(
         "manifest", help="JSON Lines: id, audio (path relative to the manifest), optional instruction"
     )
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Multi-turn chat. Type text, or `/audio PATH [instruction]`, or `/mic [SECONDS] "
         "[instruction]` (needs the sounddevice package). /help lists the commands.",
     )
-    _model_args(c)
+    add_model_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.add_argument(
         "--max-context",

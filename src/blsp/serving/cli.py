@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
-    from blsp.inference.cli import _model_args
+    from blsp.inference.cli import add_model_args
 
-    _model_args(p)  # adapter, --device, --dtype, --quantization: as chat and generate
+    add_model_args(p)  # adapter, --device, --dtype, --quantization: as chat and generate
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted")
