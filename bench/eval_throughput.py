@@ -87,7 +87,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        argv = systems(adapters) + [a for t in demo.TASKS for a in ("-t", t)]
+        argv = systems(adapters) + [a for t in demo.EVAL_TASKS for a in ("-t", t)]
         argv += ["--testsets", str(ts), "--limit", str(args.limit), "--batch-size", "8", "--device", "cpu"]
         argv += ["--max-new-tokens", str(demo.PRESETS["default"]["eval_max_new_tokens"])]
         old = run([*argv, "--no-shared-models"], work / "old")
@@ -95,7 +95,7 @@ def main() -> None:
         same = answers(work / "old") == answers(work / "new")
         n_sys = len(adapters) + 3
         print(
-            f"blsp eval, {n_sys} systems x {len(demo.TASKS)} tasks x {args.limit} items (the demo's command)"
+            f"blsp eval, {n_sys} systems x {len(demo.EVAL_TASKS)} tasks x {args.limit} items (the demo's command)"
         )
         print(f"{'variant':<44}{'wall s':>10}")
         print(f"{'old: every adapter loads encoder + LLM':<44}{old:>10.1f}")

@@ -37,7 +37,7 @@ FSC_INTENTS = (
 )
 
 # Table 11: instructions for speech-to-text tasks. ``st:<Language>`` fills the target language.
-TASKS = {
+TASK_INSTRUCTIONS = {
     "asr": "Please repeat the following words.",
     "st": "Please translate the following English text into {target} text.",
     "snips": f"Please classify the intent of the text, choose from [{SNIPS_LIGHT_INTENTS}].",
@@ -49,13 +49,15 @@ TASKS = {
 def task_instruction(name: str) -> str:
     """Instruction for a Table 11 task name: ``asr``, ``st:German``, ``snips``, ``fsc``, ``sentiment``."""
     key, _, arg = name.partition(":")
-    if key not in TASKS:
-        raise BlspError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))} (st takes st:<Language>)")
+    if key not in TASK_INSTRUCTIONS:
+        raise BlspError(
+            f"unknown task {name!r}; known: {', '.join(sorted(TASK_INSTRUCTIONS))} (st takes st:<Language>)"
+        )
     if key == "st":
         if not arg:
             raise BlspError("task 'st' needs a target language, e.g. st:German")
-        return TASKS["st"].format(target=arg)
-    return TASKS[key]
+        return TASK_INSTRUCTIONS["st"].format(target=arg)
+    return TASK_INSTRUCTIONS[key]
 
 
 @cache

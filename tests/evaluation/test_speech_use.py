@@ -197,7 +197,7 @@ def test_corrected_cosine_of_a_constant_adapter_model(tiny_model, tmp_path):
 def test_demo_report_shows_gap_flag_and_distinct_answers(tmp_path):
     from blsp import demo
 
-    assert "content@tts-asr-en" in demo.TASKS
+    assert "content@tts-asr-en" in demo.EVAL_TASKS
     results = {
         "tasks": [{"key": "asr@t", "kind": "asr"}, {"key": "content@t", "kind": "content"}],
         "systems": [{"name": n} for n in demo.SYSTEMS],

@@ -6,7 +6,7 @@ import pytest
 
 from blsp.errors import BlspError, ConfigError
 from blsp.recipes import RECIPES_DIR, list_recipes, recipe_path
-from blsp.training.config import OBJECTIVES, TASKS, Config, config_from_dict, load_config
+from blsp.training.config import EXAMPLE_KINDS, OBJECTIVES, Config, config_from_dict, load_config
 
 
 def test_shipped_recipes_load_and_mirror_the_paper():
@@ -45,7 +45,7 @@ def test_a_recipe_is_a_shipped_name_or_a_path(tmp_path, monkeypatch):
 
 def test_allowed_values_come_from_the_literal_types():
     assert OBJECTIVES == ("ce", "kl", "ce+kl", "ctc", "sft")
-    assert "alpaca" in TASKS and "repetition" in TASKS
+    assert "alpaca" in EXAMPLE_KINDS and "repetition" in EXAMPLE_KINDS
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 from blsp.training.config import config_from_dict
 from blsp.training.data import load_examples
 from blsp.training.objectives import kl_sum
-from blsp.training.tasks import build_task
+from blsp.training.setups import build_setup
 from blsp.training.trainer import make_optimizer
 
 
@@ -38,7 +38,7 @@ def task_cfg(task):
 def _task(recipe, **over):
     cfg = config_from_dict(recipe(**over))
     torch.manual_seed(0)
-    task = build_task(cfg, torch.device("cpu"))
+    task = build_setup(cfg, torch.device("cpu"))
     task._cfg = cfg
     if hasattr(task, "model"):  # a random tiny LLM is near uniform: sharpen it so speech input matters
         with torch.no_grad():

@@ -100,7 +100,7 @@ EVAL_STEPS = frozenset({"testsets", "eval", "repr"})
 #: A gap (nats) above which the demo's adapters count as using the speech (issue 11).
 USES_SPEECH_NATS = 0.3
 TESTSETS = ("tts-asr-en", "tts-intent", "tts-sentiment")
-TASKS = (
+EVAL_TASKS = (
     "asr@tts-asr-en",
     "intent@tts-intent",
     "sentiment@tts-sentiment",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blsp.demo.presets import DEFAULT_ENCODER, DEFAULT_LLM, RECIPES, SYSTEMS, TASKS, TESTSETS, WARM
+from blsp.demo.presets import DEFAULT_ENCODER, DEFAULT_LLM, EVAL_TASKS, RECIPES, SYSTEMS, TESTSETS, WARM
 
 
 @dataclass
@@ -185,7 +185,7 @@ def build_steps(
             kind = "asr-pretrain" if sname == "asr_pretrain" else "blsp"
             ev += ["-s", f"{sname}={kind}:{r(runs / sname / 'final')}"]
     ev += ["--base", r(runs / "blsp" / "final")]
-    for t in TASKS:
+    for t in EVAL_TASKS:
         ev += ["-t", t]
     ev += ["--testsets", r(ts), "--limit", str(p["eval_items"]), "--out", r(out / "eval")]
     ev += ["--max-new-tokens", str(p["eval_max_new_tokens"]), "--batch-size", "8", "--device", "cpu"]

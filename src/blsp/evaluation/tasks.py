@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blsp.errors import BlspError
-from blsp.instructions import BEHAVIORS, REPETITION, TASKS, task_instruction
+from blsp.instructions import BEHAVIORS, REPETITION, TASK_INSTRUCTIONS, task_instruction
 
 LANGUAGE_NAMES = {
     "en": "English",
@@ -72,7 +72,7 @@ def lang_code(lang: str) -> str:
 def translation_instruction(source: str | None, target: str) -> str:
     """Table 11's ST instruction, with the source language named (English in the paper), or with
     none when ``source`` is None (speech of an unstated language)."""
-    template = TASKS["st"]
+    template = TASK_INSTRUCTIONS["st"]
     src = LANGUAGE_NAMES[lang_code(source)] if source is not None else None
     if src != "English":
         template = template.replace("English ", f"{src} " if src else "", 1)

@@ -25,9 +25,9 @@ from blsp.errors import ConfigError
 from blsp.models.hub import DEFAULT_LLM, DEFAULT_WHISPER
 
 Objective = Literal["ce", "kl", "ce+kl", "ctc", "sft"]
-Task = Literal["behavior", "repetition", "asr", "target", "alpaca"]
+ExampleKind = Literal["behavior", "repetition", "asr", "target", "alpaca"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
-TASKS: tuple[str, ...] = typing.get_args(Task)
+EXAMPLE_KINDS: tuple[str, ...] = typing.get_args(ExampleKind)
 
 
 @dataclass
@@ -50,7 +50,8 @@ class ModelConfig:
 class SourceConfig:
     """One training manifest (JSON Lines) and how to turn its lines into examples.
 
-    ``task``: ``behavior`` (the line's instruction/behavior and response, from ``blsp behaviors``),
+    ``task`` (the recipe key; its values are ``EXAMPLE_KINDS``) is what each line becomes:
+    ``behavior`` (the line's instruction/behavior and response, from ``blsp behaviors``),
     ``repetition`` (response = transcript, paper Table 1), ``asr`` (an instruction drawn per
     example from the ~100 ASR instructions, response = transcript; the ASR-pretraining baseline),
     ``target`` (``instruction`` + the ``target_field`` of the line, e.g. a translation for
@@ -58,7 +59,7 @@ class SourceConfig:
     """
 
     path: str = ""
-    task: Task = "behavior"
+    task: ExampleKind = "behavior"
     # Relative share of this source in an epoch (mixing, e.g. repetition:continuation = 1:9). None = as is.
     weight: float | None = None
     # For task=target: a literal instruction or a task name (asr, st:German, snips, ...). Overrides the line's.

@@ -98,9 +98,9 @@ def _instruction_for(item: dict[str, Any]) -> str | None:
 
 def _resolve_target_instruction(text: str) -> str:
     """A Table 11 task name (``asr``, ``st:German``, ``snips``...) becomes its instruction; else literal."""
-    from blsp.instructions import TASKS, task_instruction
+    from blsp.instructions import TASK_INSTRUCTIONS, task_instruction
 
-    return task_instruction(text) if text.partition(":")[0] in TASKS else text
+    return task_instruction(text) if text.partition(":")[0] in TASK_INSTRUCTIONS else text
 
 
 def example_from_item(

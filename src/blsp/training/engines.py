@@ -108,7 +108,7 @@ def init_distributed(cfg: Any) -> Dist:
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     acc = Accelerator(
         cpu=device.type == "cpu",
-        device_placement=False,  # the task places its modules (frozen LLM dtype, device_map)
+        device_placement=False,  # the training setup places its modules (frozen LLM dtype, device_map)
         kwargs_handlers=handlers,
     )
     from accelerate.utils import DistributedType
@@ -249,7 +249,7 @@ def clip_grad_norm(
 # --------------------------------------------------------------------------- state
 @contextlib.contextmanager
 def full_weights(d: Dist, module: torch.nn.Module, everything: bool) -> Iterator[None]:
-    """Inside, the task's modules hold full (unsharded) weights on rank 0, so the task's own save
+    """Inside, the setup's modules hold full (unsharded) weights on rank 0, so the setup's own save
     functions write them. Collective under FSDP / ZeRO-3: every rank enters.
 
     ``everything``: the save reads frozen weights too (stage-1 SFT writes the whole LLM); else

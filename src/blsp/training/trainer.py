@@ -41,7 +41,7 @@ from blsp.training.data import (
     worker_init,
 )
 from blsp.training.engines import Dist, init_distributed
-from blsp.training.tasks import Task, build_task
+from blsp.training.setups import TrainingSetup, build_setup
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ _barrier = engines.barrier
 
 
 # --------------------------------------------------------------------------- optimisation
-def make_optimizer(task: Task, cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(setup: TrainingSetup, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over trainable weights only; no weight decay on biases and norms (as HF Trainer)."""
     decay, no_decay = [], []
-    for _name, p in task.trainable():
+    for _name, p in setup.trainable():
         (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise BlspError("nothing to train: no weight requires a gradient")
@@ -183,7 +183,7 @@ def check_resume_data(ckpt: Path, now: dict[str, Any], accept: bool) -> None:
 
 # --------------------------------------------------------------------------- loop helpers
 class _Wrapper(torch.nn.Module):
-    """Holds the task's loss module (what the engine wraps). An empty micro-batch gives a zero loss
+    """Holds the setup's loss module (what the engine wraps). An empty micro-batch gives a zero loss
     touching every trainable weight so DDP's gradient reduction still takes place on every rank;
     with sharded weights it runs a stand-in batch at ``weight`` 0 instead, so that every rank runs
     the same forwards (each gathers weights from all ranks)."""
@@ -255,9 +255,9 @@ def train(
         _barrier(d)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        task = build_task(cfg, d.device, model=model)
+        setup = build_setup(cfg, d.device, model=model)
         sources = load_examples(
-            cfg.data.train, cfg.data, cfg.train.seed, task.needs_transcript, count_tokens=task.count_tokens
+            cfg.data.train, cfg.data, cfg.train.seed, setup.needs_transcript, count_tokens=setup.count_tokens
         )
         plan = BatchPlan(
             sources,
@@ -270,46 +270,50 @@ def train(
             megabatch_factor=cfg.data.megabatch_factor,
             epoch_size=cfg.data.epoch_size,
         )
-        task.prepare(plan.flat)
+        setup.prepare(plan.flat)
         if d.main:
-            task.check_examples(plan.flat)
+            setup.check_examples(plan.flat)
         eval_examples = []
         if cfg.data.eval:
             eval_sets = load_examples(
-                cfg.data.eval, cfg.data, cfg.train.seed, task.needs_transcript, count_tokens=task.count_tokens
+                cfg.data.eval,
+                cfg.data,
+                cfg.train.seed,
+                setup.needs_transcript,
+                count_tokens=setup.count_tokens,
             )
             eval_examples = [e for s in eval_sets for e in s][: cfg.data.eval_max_examples]
         total = total_steps(plan, cfg.train.epochs, cfg.train.max_steps)
 
-        optimizer = make_optimizer(task, cfg)
+        optimizer = make_optimizer(setup, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
         start = 0
         state: dict[str, Any] = {}
         if ckpt is not None:
-            task.load(ckpt / ck.WEIGHTS)  # before wrapping: FSDP / ZeRO-3 shard the loaded weights
+            setup.load(ckpt / ck.WEIGHTS)  # before wrapping: FSDP / ZeRO-3 shard the loaded weights
             state = ck.load_trainer_state(ckpt)
             scheduler.load_state_dict(state["scheduler"])
             start = int(state["step"])
             rngs = state.get("rng") or []
             if len(rngs) == d.world_size:
                 ck.set_rng_state(rngs[d.rank])
-        if d.shards_params and getattr(task.loss, "shared_head", False):
+        if d.shards_params and getattr(setup.loss, "shared_head", False):
             # the shared-head KV pass is an extra LLM forward on some ranks only; with sharded
             # weights every rank must run the same forwards (the loss is the same either way)
-            task.loss.shared_head = False
-        module, optimizer = engines.prepare(d, _Wrapper(task.loss), optimizer, cfg, plan.accumulation)
+            setup.loss.shared_head = False
+        module, optimizer = engines.prepare(d, _Wrapper(setup.loss), optimizer, cfg, plan.accumulation)
         if ckpt is not None:
             engines.load_optimizer_state(d, module, optimizer, state, ckpt)
             if d.main:
                 log.info("resumed from %s at step %d", ckpt, start)
         trainer = _Loop(
-            cfg, d, task, plan, optimizer, scheduler, run_dir, total, eval_examples, state, data_fp
+            cfg, d, setup, plan, optimizer, scheduler, run_dir, total, eval_examples, state, data_fp
         )
         trainer.module = module
         loader = DataLoader(
             _IndexDataset(plan),
             batch_sampler=_StepSampler(plan, d.rank, start, total),
-            collate_fn=task.collate,
+            collate_fn=setup.collate,
             num_workers=cfg.data.num_workers,
             worker_init_fn=worker_init if cfg.data.num_workers else None,
             persistent_workers=False,
@@ -345,7 +349,7 @@ class _Loop:
         self,
         cfg: Config,
         d: Dist,
-        task: Task,
+        setup: TrainingSetup,
         plan: BatchPlan,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
@@ -355,15 +359,15 @@ class _Loop:
         state: dict[str, Any],
         data_fp: dict[str, Any] | None = None,
     ) -> None:
-        self.cfg, self.d, self.task, self.plan = cfg, d, task, plan
+        self.cfg, self.d, self.setup, self.plan = cfg, d, setup, plan
         self.data_fp = data_fp
         self.optimizer, self.scheduler = optimizer, scheduler
         self.run_dir, self.total = run_dir, total
         self.ckpt_dir = run_dir / "checkpoints"
         self.eval_examples = eval_examples
-        self.module: torch.nn.Module = task.loss
+        self.module: torch.nn.Module = setup.loss
         self._stand_in: dict[str, Any] | None = None  # a usable micro-batch (sharded weights only)
-        self.params = [p for _n, p in task.trainable()]
+        self.params = [p for _n, p in setup.trainable()]
         self.history: dict[str, Any] = state.get("history") or {
             "first_loss": None,
             "samples": 0,
@@ -404,7 +408,7 @@ class _Loop:
             self.scheduler.step()
             return {"loss": float("nan"), "lr": lr, "samples": n_samples, "skipped": n_skipped, "tokens": 0}
         torch.manual_seed(stable_int(cfg.train.seed, "step", step, d.rank) % 2**63)
-        self.task.train_mode(True)
+        self.setup.train_mode(True)
         acc = d.accelerator
         loss_sum, parts, bad_ids = 0.0, {}, []
         keys: list[str] = []
@@ -451,18 +455,18 @@ class _Loop:
         if b["count"]:
             if self.d.shards_params and self._stand_in is None:
                 self._stand_in = b
-            return self.task.inputs(b), 1.0
+            return self.setup.inputs(b), 1.0
         if not self.d.shards_params:
             return None, 1.0
         if self._stand_in is None:  # nothing usable seen yet on this rank: find one example
             for ex in self.plan.flat:
-                cand = self.task.collate([ex])
+                cand = self.setup.collate([ex])
                 if cand["count"]:
                     self._stand_in = cand
                     break
             else:
                 raise BlspError("no training example has a target token")
-        return self.task.inputs(self._stand_in), 0.0
+        return self.setup.inputs(self._stand_in), 0.0
 
     def _fail(self, step: int, what: str, ids: list[str]) -> None:
         all_ids = [i for part in _all_gather(ids, self.d) for i in part]
@@ -482,7 +486,7 @@ class _Loop:
         if d.shards_params:  # every rank runs as many forwards as the busiest one (stand-ins at weight 0)
             shards += [[]] * (engines.all_max(len(shards), d) - len(shards))
         for idx in shards:
-            b = self.task.collate([examples[i] for i in idx]) if idx else {"count": 0, "ids": []}
+            b = self.setup.collate([examples[i] for i in idx]) if idx else {"count": 0, "ids": []}
             inputs, weight = self._micro_inputs(b)
             if inputs is None:
                 continue
@@ -499,7 +503,7 @@ class _Loop:
         ``gap = shuffled - loss`` (nats a target token) is about zero for an adapter that ignores
         the speech, however low its loss: the response prior alone gives the same loss either way.
         """
-        self.task.train_mode(False)
+        self.setup.train_mode(False)
         out: dict[str, float | None] = {"loss": self._eval_loss(self.eval_examples)}
         shuffled = shuffled_speech(self.eval_examples) if self.cfg.run.eval_shuffled else None
         if shuffled is not None and out["loss"] is not None:
@@ -537,7 +541,7 @@ class _Loop:
         rngs = _all_gather(ck.rng_state(), d)
         optimizer = engines.optimizer_state(d, self.module, self.optimizer)
         ds_dir = engines.save_deepspeed(d, self.module, self.ckpt_dir, ck.checkpoint_name(step))
-        with engines.full_weights(d, self.module, self.task.saves_frozen):
+        with engines.full_weights(d, self.module, self.setup.saves_frozen):
             if not d.main:
                 return
             state = {
@@ -559,7 +563,7 @@ class _Loop:
             }
 
             def save_weights(path: Path) -> None:
-                self.task.save(path)  # the trained weights only (the adapter; the LLM for stage 1)
+                self.setup.save(path)  # the trained weights only (the adapter; the LLM for stage 1)
                 if ds_dir is not None:
                     os.replace(ds_dir, path.parent / engines.DEEPSPEED_DIR)
 
@@ -621,9 +625,9 @@ class _Loop:
             if done % cfg.run.save_every == 0 or done == self.total:
                 self.save(done)
         final = self.run_dir / FINAL_DIR
-        with engines.full_weights(d, self.module, self.task.saves_frozen):
+        with engines.full_weights(d, self.module, self.setup.saves_frozen):
             if d.main:
-                ck.publish_dir(self.task.save_final, final)
+                ck.publish_dir(self.setup.save_final, final)
         summary = {
             "name": cfg.name,
             "objective": cfg.train.objective,
@@ -644,11 +648,11 @@ class _Loop:
             "samples_per_s": h["samples"] / h["train_time_s"] if h["train_time_s"] else None,
             "encoder_cache": (
                 {
-                    "served": self.task.cache.served,
-                    "encoded": self.task.cache.encoded,
-                    "writable": self.task.cache.writable,
+                    "served": self.setup.cache.served,
+                    "encoded": self.setup.cache.encoded,
+                    "writable": self.setup.cache.writable,
                 }
-                if self.task.cache
+                if self.setup.cache
                 else None
             ),
             "final_weights": str(final),

@@ -1,10 +1,10 @@
-"""What a run trains: the model, its loss module, its collator, and how its weights are saved.
+"""What a run trains (its training setup): the model, its loss module, its collator, and how its weights are saved.
 
-``build_task(cfg, device)`` returns a :class:`Task` for the recipe's objective:
+``build_setup(cfg, device)`` returns a :class:`TrainingSetup` for the recipe's objective:
 
-- :class:`BlspTask` (``ce``, ``kl``, ``ce+kl``; ASR pretraining; LoRA fine-tuning),
-- :class:`CtcTask` (``ctc``: the CTC projector on the adapter output),
-- :class:`SftTask` (``sft``: stage-1 instruction tuning of the LLM alone).
+- :class:`BlspSetup` (``ce``, ``kl``, ``ce+kl``; ASR pretraining; LoRA fine-tuning),
+- :class:`CtcSetup` (``ctc``: the CTC projector on the adapter output),
+- :class:`SftSetup` (``sft``: stage-1 instruction tuning of the LLM alone).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def mark_checkpointed_layers_training(llm: nn.Module) -> None:
             m.training = True
 
 
-class Task:
+class TrainingSetup:
     """Interface the trainer drives."""
 
-    name = "task"
+    name = "setup"
     loss: nn.Module
     collate: Callable[[list[Example]], dict[str, Any]]
     needs_transcript = False
@@ -143,7 +143,7 @@ def _make_cache(cfg: Config, model: Any) -> Any:
     return EncoderCache(cfg.data.encoder_cache, encoder_fingerprint(model.encoder), cfg.data.cache_dtype)
 
 
-class BlspTask(Task):
+class BlspSetup(TrainingSetup):
     """Adapter training with ``ce`` / ``kl`` / ``ce+kl``; with ``lora.enabled``, fine-tuning."""
 
     def __init__(self, cfg: Config, device: torch.device, model: Any = None) -> None:
@@ -239,7 +239,7 @@ class BlspTask(Task):
             load_lora_weights(self.model, path)
 
 
-class CtcTask(Task):
+class CtcSetup(TrainingSetup):
     """The CTC baseline: adapter + CTC projector trained on transcripts (no LLM forward)."""
 
     name = "ctc"
@@ -312,7 +312,7 @@ class CtcTask(Task):
         self.model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), source=str(path))
 
 
-class SftTask(Task):
+class SftSetup(TrainingSetup):
     """Stage 1: instruction-tune the LLM (all weights, or LoRA) on Alpaca-style lines."""
 
     name = "sft"
@@ -390,13 +390,13 @@ class SftTask(Task):
         save_llm_folder(llm, self.tokenizer, path, self.chat_template)
 
 
-def build_task(cfg: Config, device: torch.device, model: Any = None) -> Task:
-    """The task of ``cfg``; ``model`` (a ``BlspModel``) is trained in place of building one (ce/kl)."""
+def build_setup(cfg: Config, device: torch.device, model: Any = None) -> TrainingSetup:
+    """The training setup of ``cfg``; ``model`` (a ``BlspModel``) is trained in place of building one (ce/kl)."""
     obj = cfg.train.objective
     if model is not None and (obj in ("ctc", "sft") or cfg.lora.enabled):
         raise ConfigError(f"a prebuilt model can only be given for ce/kl adapter training, not {obj!r}/LoRA")
     if obj == "ctc":
-        return CtcTask(cfg, device)
+        return CtcSetup(cfg, device)
     if obj == "sft":
-        return SftTask(cfg, device)
-    return BlspTask(cfg, device, model=model)
+        return SftSetup(cfg, device)
+    return BlspSetup(cfg, device, model=model)
