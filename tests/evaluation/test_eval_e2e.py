@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from blsp.evaluation.judge import OpenAIJudge
-from blsp.evaluation.runner import response_kl, results_to_markdown, run_eval
+from blsp.evaluation.markdown import results_to_markdown
+from blsp.evaluation.model_calls import response_kl
+from blsp.evaluation.runner import run_eval
 from blsp.evaluation.systems import BlspSystem, ModelHandle, TextSystem
 from blsp.evaluation.tasks import make_task
 from blsp.instructions import CONTINUATION

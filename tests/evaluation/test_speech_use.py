@@ -10,7 +10,9 @@ import torch
 
 from blsp.evaluation import metrics, scoring
 from blsp.evaluation.analysis import Representations, representation_analysis, representation_tables
-from blsp.evaluation.runner import content_partners, response_nll, results_to_markdown, run_eval
+from blsp.evaluation.markdown import results_to_markdown
+from blsp.evaluation.model_calls import response_nll
+from blsp.evaluation.runner import content_partners, run_eval
 from blsp.evaluation.systems import BlspSystem, TextSystem
 from blsp.evaluation.tasks import make_task
 from blsp.instructions import REPETITION, TABLE6

@@ -12,7 +12,7 @@ import pytest
 
 from blsp.data.audio import load_audio
 from blsp.evaluation.metrics import distinct_count, wer
-from blsp.evaluation.runner import response_nll
+from blsp.evaluation.model_calls import response_nll
 from blsp.instructions import REPETITION
 from blsp.models.prompt import make_conversation
 

@@ -16,7 +16,7 @@ from typing import Any
 
 _LAZY = {
     "run_eval": "blsp.evaluation.runner",
-    "results_to_markdown": "blsp.evaluation.runner",
+    "results_to_markdown": "blsp.evaluation.markdown",
     "evaluate": "blsp.evaluation.api",
     "representation_analysis": "blsp.evaluation.analysis",
     "extract_representations": "blsp.evaluation.analysis",

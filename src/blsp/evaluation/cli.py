@@ -162,7 +162,7 @@ def _judge(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from blsp.errors import BlspError
     from blsp.evaluation.api import evaluate
-    from blsp.evaluation.runner import results_to_markdown
+    from blsp.evaluation.markdown import results_to_markdown
 
     if not args.system or not args.task:
         raise BlspError("give at least one --system and one --task (see blsp eval --help)")

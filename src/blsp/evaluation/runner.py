@@ -28,8 +28,10 @@ import numpy as np
 
 from blsp.evaluation import metrics, scoring, stats
 from blsp.evaluation.labels import LabelMapper
+from blsp.evaluation.markdown import results_to_markdown
+from blsp.evaluation.model_calls import error_text, generate_safe, response_kl, response_nll
 from blsp.evaluation.systems import System
-from blsp.evaluation.tasks import GENERATION_KINDS, PRIMARY, Task
+from blsp.evaluation.tasks import Task
 from blsp.utils.io import JsonlAppender, atomic_write_json, atomic_write_text, iter_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -40,90 +42,6 @@ RESULTS_VERSION = 1
 def safe_name(name: str) -> str:
     """A file-name-safe form of a system or task name."""
     return re.sub(r"[^A-Za-z0-9._@+-]+", "_", name).strip("_") or "x"
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:500]
-
-
-# ---------------------------------------------------------------------------------------------
-# Model calls with per-item failure isolation
-
-
-def generate_safe(model: Any, convs: Sequence[Any], max_new_tokens: int) -> list[str | Exception]:
-    """``model.generate`` over ``convs``; a failing batch is retried item by item."""
-    todo = [i for i, c in enumerate(convs) if not isinstance(c, Exception)]
-    out: list[str | Exception] = [c if isinstance(c, Exception) else "" for c in convs]
-    if not todo:
-        return out
-    try:
-        texts = model.generate([{"conversation": convs[i]} for i in todo], max_new_tokens=max_new_tokens)
-        for i, t in zip(todo, texts, strict=True):
-            out[i] = t
-        return out
-    except Exception as e:
-        if len(todo) == 1:
-            out[todo[0]] = e
-            return out
-        log.warning("generation failed on a batch of %d (%s); retrying one by one", len(todo), _err(e))
-    for i in todo:
-        try:
-            out[i] = model.generate([{"conversation": convs[i]}], max_new_tokens=max_new_tokens)[0]
-        except Exception as e:
-            out[i] = e
-    return out
-
-
-def response_kl(
-    model: Any, speech_convs: Sequence[Any], text_convs: Sequence[Any], responses: Sequence[str]
-) -> list[tuple[float, int]]:
-    """Per example ``(sum of token KL(text || speech), number of tokens)`` teacher-forced on ``responses``.
-
-    Both conversations are scored on the same response tokens (its tokens and the end-of-turn
-    token); the LLM's next-token distributions at those positions are compared.
-    """
-    import torch
-
-    n = len(responses)
-    examples = [{"conversation": c, "response": r} for c, r in zip(speech_convs, responses, strict=True)]
-    examples += [{"conversation": c, "response": r} for c, r in zip(text_convs, responses, strict=True)]
-    batch = model.collate(examples, padding_side="right")
-    with torch.no_grad():
-        logits = model(**batch).logits
-    labels = batch["labels"].to(logits.device)
-    out = []
-    for i in range(n):
-        ps = (labels[i, 1:] != -100).nonzero().squeeze(-1)
-        pt = (labels[n + i, 1:] != -100).nonzero().squeeze(-1)
-        if len(ps) != len(pt) or len(ps) == 0:
-            raise RuntimeError(f"response positions differ between paths ({len(ps)} vs {len(pt)})")
-        ls = torch.log_softmax(logits[i, ps].float(), -1)
-        lt = torch.log_softmax(logits[n + i, pt].float(), -1)
-        kl = (lt.exp() * (lt - ls)).sum(-1)
-        out.append((float(kl.sum()), int(len(ps))))
-    return out
-
-
-def response_nll(model: Any, examples: Sequence[dict[str, Any]]) -> list[tuple[float, int]]:
-    """Per example ``(summed target-token cross-entropy in nats, number of target tokens)``.
-
-    ``examples`` are ``{"conversation", "response"}``; the batch is laid out and scored as
-    ``BlspLoss`` does its ``ce`` (``collate``, ``response_logits`` with the shared head).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from blsp.training.objectives import IGNORE_INDEX, response_logits
-
-    batch = model.collate(list(examples))
-    # response_logits returns the target tokens in batch-then-position order: split them by row
-    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
-    with torch.no_grad():
-        logits, targets = response_logits(model, batch, share_head=True)
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    if ce.numel() != sum(counts) or 0 in counts:
-        raise RuntimeError(f"{ce.numel()} scored tokens for per-example target counts {counts}")
-    return [(float(part.sum()), int(n)) for part, n in zip(ce.split(counts), counts, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +89,9 @@ class _TranscriptCache:
                     r = a
                 row = {"id": str(items[i]["id"])}
                 row.update(
-                    {"transcript": None, "error": _err(r)} if isinstance(r, Exception) else {"transcript": r}
+                    {"transcript": None, "error": error_text(r)}
+                    if isinstance(r, Exception)
+                    else {"transcript": r}
                 )
                 rows.append(row)
                 self.cache[row["id"]] = row
@@ -217,7 +137,7 @@ def _run_batch(
         row: dict[str, Any] = {"id": str(it["id"]), "ok": not isinstance(r, Exception)}
         row["response"] = None if isinstance(r, Exception) else r
         if isinstance(r, Exception):
-            row["error"] = _err(r)
+            row["error"] = error_text(r)
         row["reference"] = task.reference(it)
         if transcripts is not None:
             row["transcript"] = None if isinstance(t, Exception) else t
@@ -263,9 +183,9 @@ def content_rows(
             row["partner"] = str(other["id"])
             own, theirs = audio[iid], audio[row["partner"]]
             if isinstance(own, Exception):
-                row["error"] = _err(own)
+                row["error"] = error_text(own)
             elif isinstance(theirs, Exception):
-                row["error"] = "partner clip: " + _err(theirs)
+                row["error"] = "partner clip: " + error_text(theirs)
             else:
                 target = it["text"]
                 pairs.append(
@@ -289,7 +209,9 @@ def content_rows(
         if len(pairs) == 1:
             per = [e]
         else:
-            log.warning("%s: content loss on a batch failed (%s); retrying one by one", system.name, _err(e))
+            log.warning(
+                "%s: content loss on a batch failed (%s); retrying one by one", system.name, error_text(e)
+            )
             per = []
             for _, exs in pairs:
                 try:
@@ -298,7 +220,7 @@ def content_rows(
                     per.append(e1)
     for (k, _), res in zip(pairs, per, strict=True):
         if isinstance(res, Exception):
-            rows[k]["error"] = _err(res)
+            rows[k]["error"] = error_text(res)
             continue
         (m, n), (sh, n2) = res
         if n != n2:  # same target text: a tokenisation that depends on the speech is a bug
@@ -339,13 +261,13 @@ def _align(system: System, task: Task, items, convs, rows, max_new_tokens: int) 
                 [text_resp[k] for k in chunk],
             )
         except Exception as e:
-            log.warning("%s: KL on a batch failed (%s); retrying one by one", system.name, _err(e))
+            log.warning("%s: KL on a batch failed (%s); retrying one by one", system.name, error_text(e))
             kls = []
             for k in chunk:
                 try:
                     kls.append(response_kl(model, [convs[k]], [text_convs[k]], [text_resp[k]])[0])
                 except Exception as e1:
-                    rows[k]["kl_error"] = _err(e1)
+                    rows[k]["kl_error"] = error_text(e1)
                     kls.append(None)
         for k, kv in zip(chunk, kls, strict=True):
             if kv is not None:
@@ -382,7 +304,7 @@ def _judge_rows(
                     judge.unavailable = status
                 break
             except Exception as e:  # one bad call: leave this row unjudged, keep going
-                log.warning("judge failed on %s: %s", row["id"], _err(e))
+                log.warning("judge failed on %s: %s", row["id"], error_text(e))
                 continue
             app.append([{"id": row["id"], "judged": True, "verdict": verdict, "raw": raw}])
     return status
@@ -458,13 +380,13 @@ def evaluate_system_task(
                 else:
                     rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens)
             except Exception as e:  # a bug or a model that cannot load: record every item as failed
-                log.error("%s on %s: batch failed: %s", system.name, task.key, _err(e))
+                log.error("%s on %s: batch failed: %s", system.name, task.key, error_text(e))
                 rows = [
                     {
                         "id": str(it["id"]),
                         "ok": False,
                         "response": None,
-                        "error": _err(e),
+                        "error": error_text(e),
                         "reference": task.reference(it),
                     }
                     for it in batch
@@ -560,7 +482,7 @@ def run_eval(
                 per[task.key] = {
                     "n": len(task.items),
                     "failed": len(task.items),
-                    "status": f"error: {_err(e)}",
+                    "status": f"error: {error_text(e)}",
                 }
             if write:
                 _write(results, out_dir)
@@ -596,165 +518,3 @@ def paired_comparison(
 def _write(results: dict[str, Any], out_dir: Path) -> None:
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", results_to_markdown(results))
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _cell(key: str, res: dict[str, Any], digits: int) -> str:
-    """A detail-table cell; distinct answers read ``distinct / items``, the speech flag in words."""
-    if key == "distinct_answers" and res.get(key) is not None:
-        return f"{res[key]}/{res.get('n')}"
-    if key == "uses_speech":
-        return scoring.speech_verdict(res)
-    return stats.with_ci(_fmt(res.get(key), digits), res, key, digits)
-
-
-def primary_cell(kind: str, res: dict[str, Any]) -> str:
-    """The overview-table cell of one result (``ASR component / via LLM`` for cascades' WER)."""
-    if res.get("status", "").startswith("error"):
-        return "error"
-    if res.get("status", "").startswith("n/a"):
-        return "n/a"
-    key = PRIMARY[kind][0]
-    digits = 3 if kind == "content" else 1
-    cell = stats.with_ci(_fmt(res.get(key), digits), res, key, digits)
-    if kind == "content" and res.get("uses_speech") is False:
-        cell += " (does not use the speech)"
-    if kind == "asr" and "asr_component" in res:
-        cell = f"{_fmt(res['asr_component'])} / {cell}"
-    if kind == "qa" and res.get("accept_rate") is None and res.get("status"):
-        cell = "judge n/a"
-    if res.get("failed"):
-        cell += f" ({res['failed']} failed)"
-    return cell
-
-
-def results_to_markdown(results: dict[str, Any]) -> str:
-    """Markdown: an overview table (systems x tasks, primary metric) and one detail table per task."""
-    tasks = results.get("tasks", [])
-    systems = [s["name"] for s in results.get("systems", [])]
-    res = results.get("results", {})
-    lines = ["# Evaluation results", ""]
-    meta = results.get("meta", {})
-    if meta:
-        lines.append(
-            f"Created {meta.get('created', '?')}; greedy decoding, max_new_tokens={meta.get('max_new_tokens')}."
-        )
-        lines.append("")
-    head = ["System"] + [
-        f"{t['key']} {PRIMARY[t['kind']][1]}{'↑' if PRIMARY[t['kind']][2] else '↓'}" for t in tasks
-    ]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in systems:
-        cells = [s] + [primary_cell(t["kind"], res.get(s, {}).get(t["key"], {})) for t in tasks]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    if any(t["kind"] == "asr" for t in tasks):
-        lines.append(
-            "ASR cells of cascaded systems read `standalone ASR / LLM told to repeat it` (paper Table 2)."
-        )
-        lines.append("")
-
-    details = {
-        "asr": [("score", "WER/CER"), ("asr_component", "ASR alone"), ("failed", "failed"), ("n", "n")],
-        "st": [
-            ("bleu", "BLEU"),
-            ("chrf", "chrF"),
-            ("bleu_tokenizer", "tok"),
-            ("failed", "failed"),
-            ("n", "n"),
-        ],
-        "classify": [
-            ("accuracy", "Acc %"),
-            ("out_of_set_rate", "out of set %"),
-            ("failed", "failed"),
-            ("n", "n"),
-        ],
-        "qa": [
-            ("accept_rate", "accept %"),
-            ("judged", "judged"),
-            ("unparsed_verdicts", "unparsed"),
-            ("failed", "failed"),
-            ("n", "n"),
-        ],
-        "align": [
-            ("bleu", "BLEU s/t"),
-            ("chrf", "chrF s/t"),
-            ("exact_match", "exact %"),
-            ("kl", "token KL"),
-            ("failed", "failed"),
-            ("n", "n"),
-        ],
-        "content": [
-            ("matched", "matched nats/tok"),
-            ("shuffled", "shuffled nats/tok"),
-            ("gap", "gap"),
-            ("uses_speech", "speech"),
-            ("tokens", "tokens"),
-            ("failed", "failed"),
-            ("n", "n"),
-        ],
-    }
-    for kind in GENERATION_KINDS:  # distinct answers sit before the failure counts
-        details[kind].insert(-2, ("distinct_answers", "distinct"))
-    for t in tasks:
-        cols = details[t["kind"]]
-        lines.append(f"## {t['key']}")
-        lines.append("")
-        instr = t.get("instruction", "")
-        lines.append(f"Instruction: _{instr}_")
-        lines.append("")
-        lines += [
-            "| System | " + " | ".join(c[1] for c in cols) + " | status |",
-            "|" + "---|" * (len(cols) + 2),
-        ]
-        for s in systems:
-            r = res.get(s, {}).get(t["key"], {})
-            digits = 3 if t["kind"] in ("align", "content") else 1
-            cells = [_cell(k, r, 4 if k == "kl" else digits) for k, _ in cols]
-            lines.append(f"| {s} | " + " | ".join(cells) + f" | {r.get('status', 'ok')} |")
-        lines.append("")
-    notes = []
-    for lang, info in meta.get("normalizers", {}).items():
-        notes.append(f"- ASR ({lang}): jiwer after {info}; CER for Chinese-like languages.")
-    for lang, sig in meta.get("bleu", {}).items():
-        notes.append(f"- BLEU into {lang}: sacrebleu `{sig}`; chrF with sacrebleu defaults.")
-    if any(t["kind"] == "classify" for t in tasks):
-        notes.append(
-            "- Classification: free text mapped to the label set (exact, case/CamelCase-insensitive, "
-            "contained, fuzzy); accuracy counts failed utterances as wrong; out-of-set % is over answered ones."
-        )
-    if any(t["kind"] == "align" for t in tasks):
-        notes.append(
-            "- Alignment: the speech-path response scored against the transcript-path response; token KL is "
-            "KL(text || speech) of the LLM's next-token distributions, teacher-forced on the transcript-path response."
-        )
-    if any(t["kind"] == "content" for t in tasks):
-        notes.append(
-            "- Content: teacher-forced loss (nats per target token) of each clip's transcript under the "
-            "repetition instruction, after the clip's own speech (matched) and after another clip's "
-            "(shuffled: each clip gets the next one's); gap = shuffled − matched. A gap under "
-            f"{scoring.SPEECH_GAP_NATS:g} nats: the model does not use the speech."
-        )
-    if any(t["kind"] in GENERATION_KINDS for t in tasks):
-        notes.append(
-            "- distinct: distinct answers after text normalisation / items; a model that ignores its "
-            "input gives the same few answers to every item."
-        )
-    if meta.get("judge"):
-        notes.append(f"- QA judge: {meta['judge']} with the paper's Listing 2 prompt.")
-    notes.append(
-        "- `(N failed)`: utterances the system could not answer (scored as wrong/empty, never skipped)."
-    )
-    lines += ["## Notes", "", *notes, ""]
-    return "\n".join(lines)
