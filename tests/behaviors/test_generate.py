@@ -8,17 +8,8 @@ from pathlib import Path
 import pytest
 
 from blsp.behaviors.backends import GenerationSettings
-from blsp.behaviors.generate import (
-    BehaveOptions,
-    BehaviorJob,
-    prompt_fingerprint,
-    read_inputs,
-    resolve_behavior,
-    run_behave,
-    shard_path,
-    shard_spec,
-    sidecar,
-)
+from blsp.behaviors.generate import BehaveOptions, BehaviorJob, prompt_fingerprint, run_behave
+from blsp.behaviors.inputs import read_inputs, resolve_behavior, shard_path, shard_spec, sidecar
 from blsp.behaviors.merge import merge_shards
 from blsp.errors import BlspError, ConfigError
 from blsp.instructions import CONTINUATION, REPETITION

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from blsp.behaviors.backends import GenerationSettings
-from blsp.behaviors.generate import BehaveOptions, prompt_fingerprint, run_behave, sidecar
+from blsp.behaviors.generate import BehaveOptions, prompt_fingerprint, run_behave
+from blsp.behaviors.inputs import sidecar
 from blsp.instructions import CONTINUATION, REPETITION
 from blsp.utils.io import iter_jsonl
 

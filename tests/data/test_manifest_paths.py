@@ -69,7 +69,7 @@ def test_a_second_writer_of_the_same_output_is_refused_and_the_first_loses_nothi
 
 
 def test_lines_that_are_not_utf8_or_hold_a_lone_surrogate_are_skipped_and_named(tmp_path):
-    from blsp.behaviors.generate import read_inputs as behave_manifest
+    from blsp.behaviors.inputs import read_inputs as behave_manifest
     from blsp.data.manifest import read_manifest
 
     path = tmp_path / "m.jsonl"
