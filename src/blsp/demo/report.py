@@ -1,4 +1,8 @@
-"""``DIR/report.md``: tables, plots, the machine and the paper's findings checked on the run's outputs."""
+"""``DIR/report.md``: tables, plots, the machine and the paper's findings checked on the run's outputs.
+
+Longer than 500 lines because the report is one document: each section (evaluation, speech use,
+representations, findings) is a function here reading the same run folder.
+"""
 
 from __future__ import annotations
 

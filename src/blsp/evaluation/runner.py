@@ -1,5 +1,9 @@
 """Run systems on tasks; write per-utterance outputs, ``results.json`` and ``results.md``.
 
+Longer than 500 lines because one system on one task has a path per task kind (generation, cascade
+transcripts, alignment with token KL, content loss, judged QA) sharing the row layout and resume
+logic here; model calls are in model_calls.py, tables in markdown.py.
+
 Layout of ``out_dir``::
 
     results.json                      all metrics + what was run (see :func:`run_eval`)

@@ -1,5 +1,9 @@
 """Model references -> local Hugging Face folders -> loaded models.
 
+Longer than 500 lines because resolving a reference (alias, folder, CTranslate2, GGUF, hub id),
+caching conversions and loading share the cache layout and error messages; the converters are in
+ct2_whisper.py and gguf.py.
+
 A reference is one of:
 
 - an alias (``whisper-base``, ``whisper-tiny.en``, ``smollm2-135m-instruct``, ``gemma3-270m``): real

@@ -1,5 +1,9 @@
 """``blsp serve``: an OpenAI-compatible HTTP server for a BLSP model (FastAPI + uvicorn).
 
+Longer than 500 lines because its docstring is the endpoint reference and every route, with the
+request guard they share (ServerState), lives here; middleware, schemas, messages, audio and
+responses are sibling modules.
+
 Endpoints:
 
 - ``POST /v1/chat/completions``: messages with ``text`` and ``input_audio`` parts, any number of

@@ -1,5 +1,9 @@
 """The training loop: AdamW on trainable weights, warmup + decay, accumulation, resume.
 
+Longer than 500 lines because the loop (_Loop: steps, accumulation, evaluation, checkpoints, logs)
+is one state machine that train() sets up; the run folder is in blsp.training.run_dir, engines in
+blsp.training.engines.
+
 ``train(cfg, resume=...)`` runs a recipe to the end and returns its summary. The same call under
 ``accelerate launch`` or ``torchrun --nproc_per_node N`` trains on N processes with the engine the
 accelerate config chooses (:mod:`blsp.training.engines`): DDP (gloo on CPU, NCCL on GPU), FSDP or
