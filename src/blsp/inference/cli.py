@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_chat)
 
 
-def _pipeline(args: argparse.Namespace):
+def pipeline_from_args(args: argparse.Namespace, **kwargs):
+    """The ``SpeechPipeline`` that :func:`add_model_args` and ``--max-audio-seconds`` name (``kwargs``: its settings)."""
     from blsp.inference.audio_input import AudioLimits
     from blsp.inference.pipeline import SpeechPipeline
 
@@ -98,9 +99,13 @@ def _pipeline(args: argparse.Namespace):
         dtype=args.dtype,
         quantization=args.quantization,
         limits=AudioLimits(max_seconds=args.max_audio_seconds),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
+        **kwargs,
+    )
+
+
+def _pipeline(args: argparse.Namespace):
+    return pipeline_from_args(
+        args, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
     )
 
 

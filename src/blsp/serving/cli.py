@@ -6,10 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
+from blsp.inference.cli import add_model_args, pipeline_from_args
+
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
-    from blsp.inference.cli import add_model_args
-
     add_model_args(p)  # adapter, --device, --dtype, --quantization: as chat and generate
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=port)
@@ -143,20 +143,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=_ui)
 
 
-def _load(args: argparse.Namespace, **kwargs):
-    from blsp.inference.audio_input import AudioLimits
-    from blsp.inference.pipeline import SpeechPipeline
-
-    return SpeechPipeline.from_pretrained(
-        args.adapter,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        limits=AudioLimits(max_seconds=args.max_audio_seconds),
-        **kwargs,
-    )
-
-
 def _serve(args: argparse.Namespace) -> int:
     from blsp.errors import BlspError
     from blsp.models.hub import resolve_adapter
@@ -224,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_hosts=(*loopback, *args.allowed_host) if args.allowed_host else None,
         cors_origins=tuple(args.cors_allow_origin),
     )
-    pipe = _load(args)
+    pipe = pipeline_from_args(args)
     # Limits of the pipeline are the server's: audio over the limit is refused while decoding.
     pipe.limits = settings.audio_limits
     factory = None
@@ -254,7 +240,7 @@ def _ui(args: argparse.Namespace) -> int:
             f"--host {args.host} exposes the demo beyond this machine: set --api-key (or BLSP_API_KEY) "
             "for a login, or bind to 127.0.0.1"
         )
-    pipe = _load(args, max_new_tokens=args.max_new_tokens)
+    pipe = pipeline_from_args(args, max_new_tokens=args.max_new_tokens)
     launch(
         pipe,
         host=args.host,
