@@ -15,6 +15,7 @@ from transformers import Pipeline
 
 from blsp.inference.pipeline import SpeechPipeline
 from blsp.instructions import task_instruction
+from blsp.models.auto import register_pipeline
 
 
 class BlspPipeline(Pipeline):
@@ -65,3 +66,6 @@ class BlspPipeline(Pipeline):
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str]:
         return {"generated_text": model_outputs["result"].text}
+
+
+register_pipeline(BlspPipeline)  # the "blsp" task, also when this module is imported first

@@ -23,6 +23,7 @@ from typing import Any
 PIPELINE_TASK = "blsp"
 _AUTO = "transformers.models.auto.modeling_auto"
 _PIPELINES = "transformers.pipelines"
+_BLSP_PIPELINE = "blsp.inference.transformers_pipeline"
 _lock = threading.Lock()
 _done: set[str] = set()
 
@@ -43,12 +44,22 @@ def register(part: str) -> None:
         AutoModel.register(BlspConfig, BlspModel, exist_ok=True)
     elif part == _PIPELINES:
         register(_AUTO)
-        from transformers import AutoModel
-        from transformers.pipelines import PIPELINE_REGISTRY
-
+        module = sys.modules.get(_BLSP_PIPELINE)
+        if module is not None and not hasattr(module, "BlspPipeline"):
+            # That module is importing transformers.pipelines right now (its first import): it
+            # calls register_pipeline itself once BlspPipeline exists, instead of a circular import.
+            return
         from blsp.inference.transformers_pipeline import BlspPipeline
 
-        PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=BlspPipeline, pt_model=AutoModel)
+        register_pipeline(BlspPipeline)
+
+
+def register_pipeline(pipeline_class: Any) -> None:
+    """The ``"blsp"`` task of ``transformers.pipeline``, answered by ``pipeline_class``."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=pipeline_class, pt_model=AutoModel)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
