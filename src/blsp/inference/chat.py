@@ -23,15 +23,14 @@ from typing import Any, TextIO
 
 from blsp.data.audio import SAMPLE_RATE
 from blsp.errors import BlspError
-from blsp.inference.audio_input import as_waveform
-from blsp.inference.generate import (
+from blsp.inference.audio_input import AudioLimits, as_waveform
+from blsp.inference.generate import context_window, prepare_conversation
+from blsp.models.generation_blsp import (
     GenerationParams,
     GenerationResult,
-    _finish_row,
-    _stopper_class,
-    _streamer_class,
-    context_window,
-    prepare_conversation,
+    decode,
+    model_pad_token_id,
+    new_cache,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,8 @@ class ChatSession:
     """A conversation with a BLSP model, its KV cache kept across turns.
 
     Args:
-        pipeline: a ``SpeechPipeline`` (or a ``BlspModel``).
+        pipeline: a ``SpeechPipeline`` (its model, audio limits and default settings), or a
+            ``BlspModel`` (no audio limits, greedy, 128 new tokens: a ``SpeechPipeline``'s defaults).
         system: optional system message.
         max_context: positions the conversation may take (default: the LLM's context window).
         use_cache: keep the KV cache between turns (False: recompute each turn, for comparison).
@@ -55,10 +55,12 @@ class ChatSession:
         max_context: int | None = None,
         use_cache: bool = True,
     ) -> None:
-        from blsp.inference.pipeline import SpeechPipeline
-
-        self.pipeline = pipeline if isinstance(pipeline, SpeechPipeline) else SpeechPipeline(pipeline)
-        self.model = self.pipeline.model
+        is_pipeline = hasattr(pipeline, "defaults") and hasattr(pipeline, "limits")
+        self.model = pipeline.model if is_pipeline else pipeline
+        self.limits: AudioLimits = pipeline.limits if is_pipeline else AudioLimits()
+        self.defaults: GenerationParams = (
+            pipeline.defaults if is_pipeline else GenerationParams(max_new_tokens=128)
+        )
         self.system = system
         self.max_context = max_context or context_window(self.model)
         self.use_cache = use_cache
@@ -95,9 +97,9 @@ class ChatSession:
         ``sink`` receives the answer in pieces as it is generated; ``streamer`` may instead be any
         ``transformers`` streamer. ``gen``: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``.
         """
-        params = self.pipeline.params(**gen)
+        params = self.defaults.updated(**gen)
         user = prepare_conversation(
-            self.model, [{"role": "user", "content": content}], limits=self.pipeline.limits, source="turn"
+            self.model, [{"role": "user", "content": content}], limits=self.limits, source="turn"
         ).conversation[0]
         conv = self._fit([*self.history, user], params.max_new_tokens)
         try:
@@ -188,7 +190,6 @@ class ChatSession:
         streamer: Any,
     ) -> GenerationResult:
         import torch
-        from transformers import DynamicCache
 
         model, llm = self.model, self.model.llm
         keys, spans = self._layout(conv)
@@ -211,54 +212,48 @@ class ChatSession:
             elif reuse < held:
                 self._cache.crop(reuse - held)
         if self._cache is None:
-            self._cache = DynamicCache(config=llm.config)
+            self._cache = new_cache(llm)
             reuse = 0
         self.last_reused, self.last_computed = reuse, total - reuse
 
-        # Embeddings of positions reuse .. total-2 (the last position goes through generate()).
+        # Positions reuse .. total-2 run here (the last one goes through generate()): their tokens,
+        # with the adapter outputs of the clips that start there (never split: see above).
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([k if isinstance(k, int) else pad for k in keys], dtype=torch.long)
         device = model.device
         with torch.inference_mode():
             if total - 1 > reuse:
-                embeds = llm.get_input_embeddings()(ids[reuse : total - 1].to(device))
-                for start, key, feats in spans:
-                    if start + 1 <= reuse or start >= total - 1:
-                        continue
-                    emb = self._speech_embeddings(key, feats).to(embeds.dtype)
-                    embeds[start - reuse : start - reuse + emb.shape[0]] = emb
+                part = slice(reuse, total - 1)
+                speech_mask = torch.tensor([not isinstance(k, int) for k in keys[part]])
+                clips = [self._speech_embeddings(k, f) for start, k, f in spans if reuse <= start < total - 1]
+                embeds = model.embed(
+                    ids[part][None], speech_mask[None], speech_embeds=torch.cat(clips) if clips else None
+                )
                 llm(
-                    inputs_embeds=embeds[None],
+                    inputs_embeds=embeds,
                     attention_mask=torch.ones(1, total - 1, dtype=torch.long, device=device),
                     position_ids=torch.arange(reuse, total - 1, device=device)[None],
                     past_key_values=self._cache,
                     use_cache=True,
                 )
-            stopper = _stopper_class()(model.tokenizer, total, [params], model.prompt.stop_token_ids)
-            if sink is not None:
-                streamer = _streamer_class()(model.tokenizer, stopper, [sink])
-            gen = model.generation_config(
-                params.max_new_tokens,
-                do_sample=params.do_sample,
-                temperature=params.temperature or 1.0,
-                top_p=params.top_p,
-            )
-            out = llm.generate(
-                input_ids=ids[None].to(device),
-                attention_mask=torch.ones(1, total, dtype=torch.long, device=device),
-                past_key_values=self._cache,
-                generation_config=gen,
-                stopping_criteria=[stopper],
-                streamer=streamer,
-            )
-        new = out[0, total:].tolist()
+        (result,) = decode(
+            llm,
+            model.tokenizer,
+            model.prompt.stop_token_ids,
+            [params],
+            input_ids=ids[None].to(device),
+            attention_mask=torch.ones(1, total, dtype=torch.long, device=device),
+            cache=self._cache,
+            prompt_tokens=[total],
+            sinks=[sink] if sink is not None else None,
+            streamer=streamer,
+            pad_token_id=model_pad_token_id(model),
+        )
+        # The cache now holds the prompt and every answer token but the last one generated.
         held = self._cache.get_seq_length()
-        self._cache_keys = (keys + new)[:held]
+        self._cache_keys = (keys + result.token_ids)[:held]
         if not self.use_cache:
             self._cache, self._cache_keys = None, []
-        result = _finish_row(model, new, stopper, 0, total)
-        if sink is not None and (rest := streamer.filters[0].finish(result.text)):
-            sink(rest)
         # Forget speech embeddings of clips no longer in the conversation.
         live = {k for _s, k, _f in spans}
         for k in list(self._speech):
@@ -362,7 +357,7 @@ def run_terminal_chat(
                 continue
             if cmd == "/audio":
                 path, instruction = _parse_audio_command(rest)
-                audio = as_waveform(path, limits=session.pipeline.limits)  # fails here, before the answer
+                audio = as_waveform(path, limits=session.limits)  # fails here, before the answer
                 parts = [{"type": "text", "text": instruction}] if instruction else []
                 content: Any = [*parts, {"type": "audio", "audio": audio}]
             elif cmd == "/mic":

@@ -25,15 +25,8 @@ from typing import Any
 
 from blsp.errors import BlspError
 from blsp.inference.audio_input import AudioLimits
-from blsp.inference.generate import (
-    GenerationParams,
-    GenerationResult,
-    PreparedExample,
-    check_fits,
-    generate_grouped,
-    generate_prepared,
-    prepare_conversation,
-)
+from blsp.inference.generate import PreparedExample, check_fits, prepare_conversation
+from blsp.models.generation_blsp import GenerationParams, GenerationResult, generate, generate_grouped
 
 _DONE = object()
 
@@ -89,14 +82,7 @@ class SpeechPipeline:
         stop: str | Sequence[str] | None = None,
     ) -> GenerationParams:
         """Generation settings: the pipeline's defaults with the given values replaced."""
-        d = self.defaults
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return GenerationParams(
-            max_new_tokens=d.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
-            temperature=d.temperature if temperature is None else float(temperature),
-            top_p=d.top_p if top_p is None else float(top_p),
-            stop=stops,
-        )
+        return self.defaults.updated(max_new_tokens, temperature, top_p, stop)
 
     def prepare(
         self, conversation: Sequence[dict[str, Any]], source: str = "conversation"
@@ -202,7 +188,7 @@ class SpeechPipeline:
             prepared = [self.prepare(c, source=f"conversation {start + k}") for k, c in enumerate(chunk)]
             for ex in prepared:
                 check_fits(self.model, ex, params.max_new_tokens)
-            results += generate_prepared(self.model, prepared, params, streamer=streamer)
+            results += generate(self.model, prepared, params, streamer=streamer)
         return results
 
     def generate_mixed(
@@ -232,9 +218,7 @@ class SpeechPipeline:
         example = self.prepare(conversation)
         check_fits(self.model, example, params.max_new_tokens)
         return _stream_in_thread(
-            lambda sink, cancel: generate_prepared(
-                self.model, [example], params, sinks=[sink], cancels=[cancel]
-            )[0]
+            lambda sink, cancel: generate(self.model, [example], params, sinks=[sink], cancels=[cancel])[0]
         )
 
     def start_chat(self, system: str | None = None, **kwargs: Any) -> Any:

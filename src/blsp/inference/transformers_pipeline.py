@@ -58,11 +58,12 @@ class BlspPipeline(Pipeline):
         return {"example": self.speech.prepare(conv)}
 
     def _forward(self, model_inputs: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        from blsp.inference.generate import check_fits, generate_prepared
+        from blsp.inference.generate import check_fits
+        from blsp.models.generation_blsp import generate
 
         params = params or self.speech.params()
         check_fits(self.model, model_inputs["example"], params.max_new_tokens)
-        return {"result": generate_prepared(self.model, [model_inputs["example"]], params)[0]}
+        return {"result": generate(self.model, [model_inputs["example"]], params)[0]}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str]:
         return {"generated_text": model_outputs["result"].text}

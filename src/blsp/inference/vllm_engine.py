@@ -32,15 +32,16 @@ from typing import Any
 import torch
 
 from blsp.errors import BlspError
-from blsp.inference.generate import (
+from blsp.inference.generate import PreparedExample
+from blsp.models.generation_blsp import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationParams,
     GenerationResult,
-    PreparedExample,
     StreamTextFilter,
     finalize_text,
+    per_row,
 )
 from blsp.utils.torch import torch_dtype
 
@@ -112,11 +113,7 @@ def build_requests(
     The rows are embedded in one right-padded batch and cut to their own length (no padding goes to
     vLLM: it lays out its own batches). ``dtype``: vLLM's model dtype (default: the blsp LLM's).
     """
-    if isinstance(params, GenerationParams):
-        params = [params] * len(examples)
-    params = list(params)
-    if len(params) != len(examples):
-        raise BlspError(f"{len(examples)} examples but {len(params)} generation settings")
+    params = per_row(params, len(examples))
     if not examples:
         return []
     batch = model.collate([{"conversation": ex.conversation} for ex in examples], padding_side="right")
@@ -206,8 +203,7 @@ class VllmGenerator:
     def generate(
         self, examples: Sequence[PreparedExample], params: GenerationParams | Sequence[GenerationParams]
     ) -> list[GenerationResult]:
-        if isinstance(params, GenerationParams):
-            params = [params] * len(examples)
+        params = per_row(params, len(examples))
         reqs = build_requests(self.model, examples, params, dtype=self.dtype, seed=self.seed)
         if not reqs:
             return []
@@ -230,7 +226,7 @@ class VllmGenerator:
         cancels: Any = None,
         streamer: Any = None,
     ) -> list[GenerationResult]:
-        """``blsp.inference.generate.generate_prepared``'s signature (streamed rows get one piece)."""
+        """``blsp.models.generation_blsp.generate``'s signature (streamed rows get one piece)."""
         results = self.generate(examples, params)
         for i, r in enumerate(results):
             if sinks is not None and sinks[i] is not None and r.text:

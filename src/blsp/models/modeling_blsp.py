@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from blsp.errors import AudioError, BlspError, ModelLoadError
+from blsp.models import generation_blsp
 from blsp.models.adapter import ModalityAdapter
 from blsp.models.configuration_blsp import BlspConfig
 from blsp.models.encoder import SpeechEncoder
@@ -545,17 +547,26 @@ class BlspModel(PreTrainedModel):
         feature_lengths: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
+        speech_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Input embeddings of the LLM with the adapter outputs at the speech positions."""
+        """Input embeddings of the LLM with the adapter outputs at the speech positions.
+
+        The adapter outputs come from features, from cached encoder states, or ready made:
+        ``speech_embeds [positions, llm_dim]``, every clip's outputs one after the other in the
+        order of the speech positions (what ``ChatSession`` keeps per clip between turns).
+        """
         input_ids = input_ids.to(self.device)
         speech_mask = speech_mask.to(self.device)
         embeds = self.llm.get_input_embeddings()(input_ids)
         if speech_mask.any():
-            speech, lengths = self.speech_embeddings(
-                input_features, feature_lengths, encoder_hidden_states, encoder_lengths
-            )
-            valid = torch.arange(speech.shape[1], device=self.device)[None, :] < lengths[:, None]
-            flat = speech[valid]
+            if speech_embeds is not None:
+                flat = speech_embeds.to(self.device)
+            else:
+                speech, lengths = self.speech_embeddings(
+                    input_features, feature_lengths, encoder_hidden_states, encoder_lengths
+                )
+                valid = torch.arange(speech.shape[1], device=self.device)[None, :] < lengths[:, None]
+                flat = speech[valid]
             if flat.shape[0] != int(speech_mask.sum()):
                 raise BlspError(
                     f"batch layout has {int(speech_mask.sum())} speech positions but the adapter produced "
@@ -589,12 +600,7 @@ class BlspModel(PreTrainedModel):
         return n if n >= MIN_SHARED_PREFIX else 0
 
     def _head_cache(self, head_ids: torch.Tensor, rows: int) -> Any:
-        from transformers import DynamicCache
-
-        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
-            cache = DynamicCache(config=self.llm.config)
-        except TypeError:
-            cache = DynamicCache()
+        cache = generation_blsp.new_cache(self.llm)
         with torch.no_grad():
             self.llm(
                 input_ids=head_ids.to(self.device), use_cache=True, logits_to_keep=1, **self._cache_arg(cache)
@@ -669,27 +675,6 @@ class BlspModel(PreTrainedModel):
         return BlspOutput(loss=loss, logits=logits, labels=labels)
 
     # ------------------------------------------------------------- generate
-    def generation_config(
-        self,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        **kwargs: Any,
-    ):
-        from transformers import GenerationConfig
-
-        pad = self.tokenizer.pad_token_id
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            eos_token_id=self.prompt.stop_token_ids,
-            pad_token_id=pad if pad is not None else self.prompt.end_token_id,
-            **sampling,
-            **kwargs,
-        )
-
     @torch.no_grad()
     def generate(
         self,
@@ -700,27 +685,29 @@ class BlspModel(PreTrainedModel):
         top_p: float = 1.0,
         streamer: Any = None,
         return_ids: bool = False,
-        **kwargs: Any,
+        *,
+        params: generation_blsp.GenerationParams | None = None,
+        stop: Sequence[str] = (),
     ) -> list[str] | list[list[int]]:
-        """Batched generation for speech, text, or mixed conversations (left padded)."""
-        examples = [{"conversation": ex["conversation"]} for ex in examples]
-        batch = self.collate(examples, padding_side="left")
-        embeds = self.embed_batch(batch)
-        gen = self.generation_config(max_new_tokens, do_sample, temperature, top_p, **kwargs)
-        out = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"].to(self.device),
-            generation_config=gen,
-            streamer=streamer,
-        )
-        stops = set(self.prompt.stop_token_ids)
-        seqs = []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            seqs.append(row[:cut])
+        """Batched generation for speech, text, or mixed conversations (left padded), greedy by default.
+
+        The settings are ``generate``'s (``do_sample``, then ``temperature`` and ``top_p``) or one
+        ``GenerationParams`` (``params``, which wins). Returns the answers' texts, or their token ids
+        (``return_ids``) up to the end-of-turn token; ``blsp.models.generation_blsp.generate`` gives
+        whole ``GenerationResult`` objects.
+        """
+        if params is None:
+            params = generation_blsp.GenerationParams.from_flags(
+                do_sample=do_sample,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                top_p=top_p,
+                stop=tuple(stop),
+            )
+        results = generation_blsp.generate(self, examples, params, streamer=streamer)
         if return_ids:
-            return seqs
-        return [self.tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+            return [r.token_ids for r in results]
+        return [r.text for r in results]
 
     def num_parameters(
         self, only_trainable: bool = False, exclude_embeddings: bool = False, **kw: Any

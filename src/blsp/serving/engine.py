@@ -6,11 +6,11 @@ A request handler (asyncio) decodes its audio, then ``submit``s a job. Two engin
   ``batch_wait_ms`` or until ``max_batch_size`` jobs, prepares each (prompt layout, features,
   context-window check; a bad one fails alone), groups them by sampling settings and runs one
   ``generate`` per group until its longest row ends; jobs that arrive meanwhile wait. Rows keep
-  their own ``max_tokens`` and ``stop`` strings (``blsp.inference.generate.RowStopper``).
+  their own ``max_tokens`` and ``stop`` strings (``blsp.models.generation_blsp.row_stopper``).
 - ``ContinuousEngine``: rows join a running batch before any decode step and leave it as soon as
   they end; each new row's prompt is prefilled and its first token streamed at once (KV cache per
   row joined into one left-padded batch cache). Rows end exactly as inside ``generate``
-  (``blsp.inference.generate.DecodeRow``), so greedy answers are the static engine's.
+  (``blsp.models.generation_blsp.DecodeRow``), so greedy answers are the static engine's.
 
 Streaming jobs are batched like the others: each streamed row has its own sink that hands text
 pieces to the request's asyncio queue (``loop.call_soon_threadsafe``). A client that goes away
@@ -34,16 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blsp.errors import BlspError
-from blsp.inference.generate import (
+from blsp.inference.generate import PreparedExample, check_fits, prepare_conversation
+from blsp.models.generation_blsp import (
     DecodeRow,
     GenerationParams,
     GenerationResult,
-    PreparedExample,
-    check_fits,
-    embed_prompts,
-    generate_prepared,
+    embed_conversations,
+    generate,
     next_tokens,
-    prepare_conversation,
 )
 
 logger = logging.getLogger(__name__)
@@ -318,7 +316,7 @@ class BatchEngine:
             self.batch_sizes[len(group)] += 1
             sinks = [(lambda text, j=j: j.emit("delta", text)) if j.stream else None for j in group]
             try:
-                results = generate_prepared(
+                results = generate(
                     self.model,
                     [j.prepared for j in group],  # type: ignore[misc]
                     [j.params for j in group],
@@ -418,7 +416,7 @@ class _ActiveRows:
             )
             rows.append(_Row(job, decode))
         with torch.inference_mode():
-            embeds, mask = embed_prompts(model, [j.prepared for j in jobs])  # type: ignore[misc]
+            embeds, mask = embed_conversations(model, [j.prepared for j in jobs])  # type: ignore[misc]
             cache = DynamicCache(config=model.llm.config)
             out = model.llm(
                 inputs_embeds=embeds,
