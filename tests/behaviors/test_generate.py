@@ -263,9 +263,10 @@ def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
 
 
 def test_shrinking_batches_give_the_responses_of_model_generate(tiny_dirs):
-    from blsp.behaviors.backends import MIN_SHARED_PREFIX, TransformersBackend, shared_prefix_length
+    from blsp.behaviors.backends import TransformersBackend
     from blsp.behaviors.generate import load_config, prompt_builder, text_prompt
     from blsp.models.hub import load_llm
+    from blsp.models.prompt import MIN_SHARED_PREFIX, shared_prefix_length
 
     model, tokenizer = load_llm(str(tiny_dirs["llm"]))
     builder = prompt_builder(tokenizer, load_config(None, str(tiny_dirs["llm"]), None))

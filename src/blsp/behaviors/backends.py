@@ -23,11 +23,11 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from blsp.errors import BlspError, ConfigError
-from blsp.models.prompt import MIN_SHARED_PREFIX, shared_prefix_length
+from blsp.models.generation_blsp import GenerationParams, decode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +35,31 @@ BACKENDS = ("transformers", "vllm", "http")
 BATCHING = ("shrink", "static")
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings shared by every backend (greedy by default, 64 new tokens like the paper)."""
+BEHAVIOR_TOP_K = 0  # sampling draws from the whole vocabulary, as vLLM and OpenAI-compatible servers do
 
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
+def GenerationSettings(
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> GenerationParams:
+    """Behavior-step settings in ``generate``'s convention (greedy unless ``do_sample``; then
+    ``temperature`` must be > 0), as the one settings type, ``GenerationParams``.
 
-    def record(self) -> dict[str, Any]:
-        """The settings as written into every output line (sampling fields only when sampling)."""
-        d = asdict(self)
-        if not self.do_sample:
-            for k in ("temperature", "top_p", "seed"):
-                d.pop(k)
-        return d
+    (The behavior step's own settings class before the settings types were merged; its name is
+    kept for its callers.) Sampling uses ``top_k=BEHAVIOR_TOP_K`` so that every backend samples
+    from the same distribution; ``GenerationParams.record`` is what each output line keeps.
+    """
+    return GenerationParams.from_flags(
+        do_sample=do_sample,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        top_p=top_p,
+        top_k=BEHAVIOR_TOP_K,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -76,17 +76,10 @@ class Backend(Protocol):
     name: str
 
     def generate(
-        self, prompts: Sequence[list[int]], settings: GenerationSettings, seed: int | None = None
+        self, prompts: Sequence[list[int]], settings: GenerationParams, seed: int | None = None
     ) -> list[Completion]: ...
 
     def close(self) -> None: ...
-
-
-def _cut_at_stop(ids: list[int], stops: set[int], limit: int) -> tuple[list[int], str]:
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i], "stop"
-    return ids, ("length" if len(ids) >= limit else "stop")
 
 
 # ---------------------------------------------------------------------------------- transformers
@@ -95,14 +88,14 @@ def _cut_at_stop(ids: list[int], stops: set[int], limit: int) -> tuple[list[int]
 class TransformersBackend:
     """Batched generation with a transformers causal LM on token-id prompts (left padding, KV cache).
 
-    Both modes stop on the PromptBuilder's stop tokens and decode greedily unless sampling:
+    Through ``blsp.models.generation_blsp.decode_prompts``: both modes stop on the PromptBuilder's
+    stop tokens and decode greedily unless sampling, with the same greedy answers:
 
-    - ``batching="shrink"`` (default): prefill the prompts' shared head (system prompt, instruction)
-      once and each row's own tail on top of it, then decode step by step and drop each finished
-      sequence from the batch and its KV cache at once (``DynamicCache.batch_select_indices``): on a
-      compute-bound CPU neither the repeated head nor a finished row costs anything more.
-    - ``batching="static"``: one ``model.generate`` call per batch; every row runs until the batch's
-      longest response ends (what the original BLSP script and ``BlspModel.generate`` do).
+    - ``batching="shrink"`` (default): the shared-prefix fast path (``decode_shrinking``): the
+      prompts' shared head (system prompt, instruction) is prefilled once, and each finished
+      sequence leaves the batch and its KV cache at once.
+    - ``batching="static"``: one ``generate`` call per batch; every row runs until the batch's
+      longest response ends (what the original BLSP script does).
     """
 
     name = "transformers"
@@ -119,39 +112,8 @@ class TransformersBackend:
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.stop_token_ids[0])
 
-    def generation_config(self, settings: GenerationSettings) -> Any:
-        from transformers import GenerationConfig
-
-        sampling = (
-            {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-            if settings.do_sample
-            else {}
-        )
-        return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            **sampling,
-        )
-
-    def _completion(self, generated: list[int], settings: GenerationSettings) -> Completion:
-        kept, finish = _cut_at_stop(generated, set(self.stop_token_ids), settings.max_new_tokens)
-        return Completion(self.tokenizer.decode(kept, skip_special_tokens=True).strip(), finish, len(kept))
-
-    def _padded(self, prompts: Sequence[list[int]]) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: the last prompt token of every row is aligned
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        return ids, mask
-
     def generate(
-        self, prompts: Sequence[list[int]], settings: GenerationSettings, seed: int | None = None
+        self, prompts: Sequence[list[int]], settings: GenerationParams, seed: int | None = None
     ) -> list[Completion]:
         import torch
 
@@ -159,90 +121,16 @@ class TransformersBackend:
             return []
         if settings.do_sample and seed is not None:
             torch.manual_seed(seed)
-        if self.batching == "shrink":
-            rows = self._generate_shrinking(prompts, settings)
-        else:
-            ids, mask = self._padded(prompts)
-            device = next(self.model.parameters()).device
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    generation_config=self.generation_config(settings),
-                )
-            rows = out[:, ids.shape[1] :].tolist()
-        return [self._completion(row, settings) for row in rows]
-
-    def _generate_shrinking(
-        self, prompts: Sequence[list[int]], settings: GenerationSettings
-    ) -> list[list[int]]:
-        import torch
-        from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-        device = next(self.model.parameters()).device
-        try:  # the model's layer kinds (sliding window, ...) when this transformers knows them
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:
-            cache = DynamicCache()
-        # Behavior prompts share a long head (system prompt, chat markup, instruction): its KV is
-        # computed once and repeated for every row; the padding then sits between that head and
-        # each row's own tail, which the attention mask hides and the position ids skip.
-        n = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-        if n >= MIN_SHARED_PREFIX:
-            head = torch.tensor([list(prompts[0][:n])], dtype=torch.long, device=device)
-            with torch.inference_mode():
-                self.model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(len(prompts))
-        else:
-            n = 0
-        ids, mask = self._padded([p[n:] for p in prompts])
-        ids, mask = ids.to(device), mask.to(device)
-        mask = torch.cat([mask.new_ones((mask.shape[0], n)), mask], dim=1)
-        # what generate derives from the attention mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
-        warpers = LogitsProcessorList()
-        if settings.do_sample:
-            if settings.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(settings.top_p))
-        stops = set(self.stop_token_ids)
-        generated: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))  # prompt index of each batch row
-        step_ids, step_pos, last_pos = ids, positions, positions[:, -1]
-        with torch.inference_mode():
-            for _ in range(settings.max_new_tokens):
-                out = self.model(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=step_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                logits = out.logits[:, -1, :].float()
-                if settings.do_sample:
-                    probs = torch.softmax(warpers(None, logits), dim=-1)
-                    nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
-                else:
-                    nxt = logits.argmax(-1)
-                keep = []
-                for row, token in enumerate(nxt.tolist()):
-                    seq = generated[active[row]]
-                    seq.append(token)
-                    if token not in stops and len(seq) < settings.max_new_tokens:
-                        keep.append(row)
-                if not keep:
-                    break
-                if len(keep) < len(active):  # drop finished rows from the batch and the KV cache
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, nxt, last_pos = mask[index], nxt[index], last_pos[index]
-                    active = [active[r] for r in keep]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                last_pos = last_pos + 1
-                step_ids, step_pos = nxt[:, None], last_pos[:, None]
-        return generated
+        results = decode_prompts(
+            self.model,
+            self.tokenizer,
+            self.stop_token_ids,
+            prompts,
+            settings,
+            shrink=self.batching == "shrink",
+            pad_token_id=self.pad_token_id,
+        )
+        return [Completion(r.text, r.finish_reason, r.completion_tokens) for r in results]
 
     def close(self) -> None:
         pass
@@ -287,7 +175,7 @@ class VllmBackend:
         llm = LLM(model=str(folder), tokenizer=str(folder), dtype=vdtype, **engine_kwargs)
         return cls(llm, stop_token_ids)
 
-    def sampling_params(self, settings: GenerationSettings, seed: int | None) -> Any:
+    def sampling_params(self, settings: GenerationParams, seed: int | None) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -301,7 +189,7 @@ class VllmBackend:
         )
 
     def generate(
-        self, prompts: Sequence[list[int]], settings: GenerationSettings, seed: int | None = None
+        self, prompts: Sequence[list[int]], settings: GenerationParams, seed: int | None = None
     ) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
@@ -396,9 +284,7 @@ class HttpBackend:
         self.client = httpx.Client(timeout=timeout, headers=headers, limits=limits)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="blsp-http")
 
-    def request_body(
-        self, prompt: list[int], settings: GenerationSettings, seed: int | None
-    ) -> dict[str, Any]:
+    def request_body(self, prompt: list[int], settings: GenerationParams, seed: int | None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": list(prompt)
@@ -461,7 +347,7 @@ class HttpBackend:
         return Completion("", "error", 0, error)
 
     def generate(
-        self, prompts: Sequence[list[int]], settings: GenerationSettings, seed: int | None = None
+        self, prompts: Sequence[list[int]], settings: GenerationParams, seed: int | None = None
     ) -> list[Completion]:
         bodies = [
             self.request_body(p, settings, None if seed is None else (seed + i) % 2**31)

@@ -85,8 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     d = p.add_argument_group("decoding (greedy by default)")
     d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--do-sample", action="store_true")
-    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy (the default, the paper's setting); above 0 samples at that temperature",
+    )
+    d.add_argument(
+        "--do-sample", action="store_true", help="sample: at --temperature, or 1.0 when it is not given"
+    )
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--seed", type=int, help="sampling seed (each batch derives its own from it)")
     s = p.add_argument_group("sharding")
@@ -132,14 +139,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _behave(args: argparse.Namespace) -> int:
-    from blsp.behaviors.backends import GenerationSettings, parse_extra_body
+    from blsp.behaviors.backends import BEHAVIOR_TOP_K, parse_extra_body
     from blsp.behaviors.generate import BehaveOptions, run_behave
+    from blsp.models.generation_blsp import GenerationParams
 
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
+    settings = GenerationParams.from_flags(
+        do_sample=True if args.do_sample else None,
         temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
         top_p=args.top_p,
+        top_k=BEHAVIOR_TOP_K,
         seed=args.seed,
     )
     opts = BehaveOptions(

@@ -46,6 +46,7 @@ from blsp.behaviors.inputs import (
     sidecar,
 )
 from blsp.errors import BlspError, ConfigError
+from blsp.models.generation_blsp import GenerationParams
 from blsp.models.hub import DEFAULT_LLM
 from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
@@ -136,7 +137,7 @@ class BehaveOptions:
     backend: str = "transformers"
     batching: str = "shrink"  # transformers backend: shrink (drop finished rows) or static (model.generate)
     batch_size: int | None = None
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    settings: GenerationParams = field(default_factory=GenerationSettings)
     max_prompt_tokens: int = 192
     echo: str | None = None  # drop | flag (default: drop for continuation, flag for free instructions)
     num_shards: int | None = None
