@@ -28,6 +28,7 @@ from blsp.inference.generate import context_window, prepare_conversation
 from blsp.models.generation_blsp import (
     GenerationParams,
     GenerationResult,
+    cache_kwargs,
     decode,
     model_pad_token_id,
     new_cache,
@@ -233,8 +234,8 @@ class ChatSession:
                     inputs_embeds=embeds,
                     attention_mask=torch.ones(1, total - 1, dtype=torch.long, device=device),
                     position_ids=torch.arange(reuse, total - 1, device=device)[None],
-                    past_key_values=self._cache,
                     use_cache=True,
+                    **cache_kwargs(llm, self._cache),
                 )
         (result,) = decode(
             llm,

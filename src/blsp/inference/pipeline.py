@@ -108,7 +108,8 @@ class SpeechPipeline:
         return [{"role": "user", "content": parts}]
 
     @staticmethod
-    def _instruction(instruction: str | None, task: str | None) -> str | None:
+    def instruction_for(instruction: str | None, task: str | None) -> str | None:
+        """The instruction to use: ``instruction``, or the paper instruction of ``task``."""
         if task is not None:
             if instruction is not None:
                 raise BlspError("give either an instruction or a task, not both")
@@ -142,7 +143,7 @@ class SpeechPipeline:
             if task is not None:
                 raise BlspError("give either instructions or a task, not both")
         else:
-            instruction = self._instruction(instruction, task)
+            instruction = self.instruction_for(instruction, task)
         batched = isinstance(audio, list) or isinstance(instruction, list)
         audios = audio if isinstance(audio, list) else [audio]
         if isinstance(instruction, list):
@@ -213,11 +214,11 @@ class SpeechPipeline:
         Stopping the iteration early (``break``) stops the generation.
         """
         if conversation is None:
-            conversation = self.conversation(audio, self._instruction(instruction, task), sampling_rate)
+            conversation = self.conversation(audio, self.instruction_for(instruction, task), sampling_rate)
         params = self.params(**gen)
         example = self.prepare(conversation)
         check_fits(self.model, example, params.max_new_tokens)
-        return _stream_in_thread(
+        return stream_in_thread(
             lambda sink, cancel: generate(self.model, [example], params, sinks=[sink], cancels=[cancel])[0]
         )
 
@@ -228,7 +229,7 @@ class SpeechPipeline:
         return ChatSession(self, system=system, **kwargs)
 
 
-def _stream_in_thread(run: Any) -> Iterator[str]:
+def stream_in_thread(run: Any) -> Iterator[str]:
     """Run ``run(sink, cancel)`` in a thread and yield what it sinks; re-raise its error."""
     q: queue.Queue = queue.Queue()
     cancel = threading.Event()

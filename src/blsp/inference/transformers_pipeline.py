@@ -43,7 +43,7 @@ class BlspPipeline(Pipeline):
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         pre: dict[str, Any] = {"sampling_rate": sampling_rate}
         if instruction is not None or task is not None:
-            pre["instruction"] = SpeechPipeline._instruction(instruction, task)
+            pre["instruction"] = SpeechPipeline.instruction_for(instruction, task)
         gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         return pre, {"params": self.speech.params(**gen)}, {}
 

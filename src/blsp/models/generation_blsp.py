@@ -20,6 +20,7 @@ Greedy answers are the same whichever way in (pinned by ``tests/models/test_gree
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -590,7 +591,7 @@ def decode(
     if input_ids is not None:
         inputs["input_ids"] = input_ids
     if cache is not None:
-        inputs["past_key_values"] = cache
+        inputs.update(cache_kwargs(llm, cache))
     with torch.inference_mode():
         out = llm.generate(
             **inputs,
@@ -709,6 +710,20 @@ def new_cache(llm: Any) -> Any:
         return DynamicCache()
 
 
+def cache_kwargs(llm: Any, cache: Any) -> dict[str, Any]:
+    """The KV-cache keyword of ``llm``'s ``forward`` and ``generate``: ``cache=`` on ``transformers``
+    that renamed ``past_key_values`` (5.2x), else the old name."""
+    return {_cache_name(type(llm)): cache}
+
+
+@functools.cache
+def _cache_name(llm_class: type) -> str:  # a class's signature is fixed: looked up once
+    import inspect
+
+    params = inspect.signature(llm_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def decode_prompts(
     llm: Any,
     tokenizer: Any,
@@ -772,7 +787,7 @@ def decode_shrinking(
     if n >= MIN_SHARED_PREFIX:
         head = torch.tensor([list(prompts[0][:n])], dtype=torch.long, device=device)
         with torch.inference_mode():
-            llm(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            llm(input_ids=head, use_cache=True, logits_to_keep=1, **cache_kwargs(llm, cache))
         cache.batch_repeat_interleave(len(prompts))
     else:
         n = 0
@@ -791,9 +806,9 @@ def decode_shrinking(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_kwargs(llm, cache),
             )
             logits = out.logits[:, -1, :].float()
             if warpers is not None:

@@ -603,19 +603,13 @@ class BlspModel(PreTrainedModel):
         cache = generation_blsp.new_cache(self.llm)
         with torch.no_grad():
             self.llm(
-                input_ids=head_ids.to(self.device), use_cache=True, logits_to_keep=1, **self._cache_arg(cache)
+                input_ids=head_ids.to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **generation_blsp.cache_kwargs(self.llm, cache),
             )
         cache.batch_repeat_interleave(rows)
         return cache
-
-    def _cache_arg(self, cache: Any) -> dict[str, Any]:
-        """``cache=`` on transformers that renamed ``past_key_values`` (5.2x), else the old name."""
-        if not hasattr(self, "_cache_name"):  # the LLM's signature is fixed: look it up once
-            import inspect
-
-            params = inspect.signature(self.llm.forward).parameters
-            self._cache_name = "cache" if "cache" in params else "past_key_values"
-        return {self._cache_name: cache}
 
     def forward(
         self,
@@ -648,7 +642,11 @@ class BlspModel(PreTrainedModel):
                 input_ids, attention_mask, speech_mask.to(attention_mask.device), limit
             )
         if n:
-            llm_kwargs.update(self._cache_arg(self._head_cache(input_ids[:1, :n], input_ids.shape[0])))
+            llm_kwargs.update(
+                generation_blsp.cache_kwargs(
+                    self.llm, self._head_cache(input_ids[:1, :n], input_ids.shape[0])
+                )
+            )
             input_ids, speech_mask, position_ids = input_ids[:, n:], speech_mask[:, n:], position_ids[:, n:]
         embeds = self.embed(
             input_ids, speech_mask, input_features, feature_lengths, encoder_hidden_states, encoder_lengths

@@ -39,6 +39,7 @@ from blsp.models.generation_blsp import (
     DecodeRow,
     GenerationParams,
     GenerationResult,
+    cache_kwargs,
     embed_conversations,
     generate,
     next_tokens,
@@ -424,7 +425,7 @@ class _ActiveRows:
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True,
                 logits_to_keep=1,
-                **model._cache_arg(cache),
+                **cache_kwargs(model.llm, cache),
             )
             tokens = next_tokens(out.logits[:, -1], [j.params for j in jobs])
         for row, token in zip(rows, tokens, strict=True):
@@ -475,7 +476,7 @@ class _ActiveRows:
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
-                **model._cache_arg(self.cache),
+                **cache_kwargs(model.llm, self.cache),
             )
             self.mask = mask
             tokens = next_tokens(out.logits[:, -1], [r.decode.params for r in self.rows])

@@ -59,7 +59,7 @@ def build_demo(pipeline: Any, *, max_context: int | None = None, clips: dict[str
     import gradio as gr
 
     from blsp.inference.chat import ChatSession
-    from blsp.inference.pipeline import _stream_in_thread
+    from blsp.inference.pipeline import stream_in_thread
     from blsp.instructions import CONTINUATION, task_instruction
 
     clips = example_clips() if clips is None else clips
@@ -99,7 +99,7 @@ def build_demo(pipeline: Any, *, max_context: int | None = None, clips: dict[str
         yield history, session, None, ""
         answer = ""
         try:
-            pieces = _stream_in_thread(
+            pieces = stream_in_thread(
                 lambda sink, cancel: session.send(
                     content, sink=sink, max_new_tokens=int(max_new_tokens), temperature=float(temperature)
                 )
