@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from blsp.models.hub import DEFAULT_LLM
 
@@ -138,12 +139,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_merge)
 
 
-def _behave(args: argparse.Namespace) -> int:
-    from blsp.behaviors.backends import BEHAVIOR_TOP_K, parse_extra_body
-    from blsp.behaviors.generate import BehaveOptions, run_behave
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The ``GenerationParams`` of ``blsp behave``'s decoding flags (temperature 0 = greedy, as every
+    blsp command; ``--do-sample`` samples at ``--temperature``, 1.0 when it is not given)."""
+    from blsp.behaviors.backends import BEHAVIOR_TOP_K
     from blsp.models.generation_blsp import GenerationParams
 
-    settings = GenerationParams.from_flags(
+    return GenerationParams.from_flags(
         do_sample=True if args.do_sample else None,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -151,6 +153,13 @@ def _behave(args: argparse.Namespace) -> int:
         top_k=BEHAVIOR_TOP_K,
         seed=args.seed,
     )
+
+
+def _behave(args: argparse.Namespace) -> int:
+    from blsp.behaviors.backends import parse_extra_body
+    from blsp.behaviors.generate import BehaveOptions, run_behave
+
+    settings = settings_from_args(args)
     opts = BehaveOptions(
         manifest=Path(args.manifest),
         out=Path(args.out),

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "SpeechPipeline": "blsp.inference.pipeline",
     "ChatSession": "blsp.inference.chat",
-    "GenerationParams": "blsp.inference.generate",
-    "GenerationResult": "blsp.inference.generate",
+    "GenerationParams": "blsp.models.generation_blsp",
+    "GenerationResult": "blsp.models.generation_blsp",
     "AudioLimits": "blsp.inference.audio_input",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from blsp.inference.audio_input import AudioLimits
     from blsp.inference.chat import ChatSession
-    from blsp.inference.generate import GenerationParams, GenerationResult
     from blsp.inference.pipeline import SpeechPipeline
+    from blsp.models.generation_blsp import GenerationParams, GenerationResult
 
 
 def __getattr__(name: str) -> Any:
