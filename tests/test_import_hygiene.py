@@ -13,14 +13,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# (importing module, module imported from, name). Being removed on branch gen-core, which rewrites
-# these files; its merge empties this list.
-ALLOWED_PRIVATE_IMPORTS = {
-    ("blsp.inference.chat", "blsp.inference.generate", "_finish_row"),
-    ("blsp.inference.chat", "blsp.inference.generate", "_stopper_class"),
-    ("blsp.inference.chat", "blsp.inference.generate", "_streamer_class"),
-    ("blsp.serving.ui", "blsp.inference.pipeline", "_stream_in_thread"),
-}
+# (importing module, module imported from, name): private imports let through (none).
+ALLOWED_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def modules() -> dict[str, tuple[Path, bool]]:

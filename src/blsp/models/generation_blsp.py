@@ -1,6 +1,10 @@
 """Generation for BLSP: the one home of decoding, beside ``modeling_blsp`` (as ``transformers`` keeps
 ``generation_whisper.py`` beside ``modeling_whisper.py``).
 
+Longer than 500 lines because it is the one home of generation: the settings, the per-row stop
+and stream decisions and the decoders that apply them (``generate``/``decode``, the shrink fast
+path, the step-by-step ``DecodeRow``) must agree token for token, so they are read together.
+
 - :class:`GenerationParams`: the one settings type. ``temperature == 0`` is greedy decoding (the
   paper's setting and the default); ``temperature > 0`` samples. Every entry point and CLI flag
   uses this convention (``--do-sample`` of ``blsp behave`` maps onto it: :meth:`GenerationParams.from_flags`).

@@ -4,6 +4,11 @@ The data path, in order: audio -> log-mel (``SpeechEncoder.features``, in ``coll
 encoder (``SpeechEncoder.forward``) -> adapter (``ModalityAdapter``) -> the LLM's input
 embeddings, where the adapter outputs fill the speech positions that ``collate`` laid out from
 the prompt segments (``PromptBuilder``). Only the adapter (and optional extra heads) is saved.
+
+Longer than 500 lines because ``BlspModel`` is one ``transformers`` ``PreTrainedModel``: loading
+and saving (with a fine-tune's LoRA and encoder weights), the batch layout (``collate``), the
+speech splice (``embed``) and ``forward`` are its methods. Generation is not: ``generate`` calls
+``generation_blsp``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The batching engines: one worker thread owns the model; concurrent requests share a batch.
 
+Longer than 500 lines because the two engines share one job queue, cancel and liveness protocol
+(``BatchEngine``), and the continuous one's batch cache (``_ActiveRows``) only makes sense beside
+it; what a row generates and how it ends is ``blsp.models.generation_blsp``'s.
+
 A request handler (asyncio) decodes its audio, then ``submit``s a job. Two engines:
 
 - ``BatchEngine`` (static): the worker takes the first waiting job, keeps collecting for up to
