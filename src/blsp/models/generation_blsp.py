@@ -28,7 +28,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from blsp.errors import BlspError, ConfigError
@@ -135,9 +135,6 @@ class GenerationParams:
         if self.stop:
             d["stop"] = list(self.stop)
         return d
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
