@@ -156,3 +156,37 @@ blsp train blsp_default \
 #    ... measured at step 500, then the same command with --resume to step 1,000 (stopped there);
 #    each checkpoint: blsp export $W/runs/blsp_instr/checkpoints/step-00001000 $W/blsp-instr-1000, and
 #    the step-4 `blsp eval` command with -s blsp-instr-1000=blsp:$W/blsp-instr-1000 added.
+
+# 7. Choice stage (session 6, docs/RECIPES.md "Label-choice behaviors"): step 1 also under label-choice
+#    instructions (src/blsp/resources/choice_instructions.txt: choose one of a listed set; no task or
+#    label of an evaluation set), kept when the answer names exactly one listed label (the
+#    evaluation's LabelMapper, no fuzzy match) in at most 8 words, at most 150 texts a label (the
+#    LLM's answers are skewed: "People" 679 times of 707); free instructions as in step 6 but 120
+#    transcripts each. Then choice : free : repetition = 1 : 1 : 2 from step 6's step-1,000 weights.
+#    The run was pinned to one core (taskset -c 0, OMP_NUM_THREADS=1) while other work used the other.
+python - <<PY
+import json, random
+from blsp.instructions import choice_instructions
+rows = [json.loads(x) for x in open("$W/train.jsonl")]
+texts = list(dict.fromkeys(r["text"] for r in rows)); random.Random(2).shuffle(texts)
+pool = choice_instructions()
+for k in range(len(pool)):
+    with open(f"$W/uniq_c{k:02d}.jsonl", "w") as f:
+        for i, t in enumerate(texts[k::len(pool)]): f.write(json.dumps({"id": f"c{k:02d}-{i:05d}", "text": t}) + "\n")
+PY
+for k in 0 1 2 3 4 5 6 7; do
+  kk=$(printf %02d $k)
+  ins=$(python -c "from blsp.instructions import choice_instructions as b; print(b()[$k])")
+  blsp behave $W/uniq_c$kk.jsonl $W/beh_c$kk.jsonl --behavior "$ins" --name choice$kk --echo drop --max-new-tokens 16
+done
+for k in 0 1 2 3 4 8 9 11 5; do     # step 6's split files uniq_KK.jsonl, 120 transcripts each
+  kk=$(printf %02d $k)
+  ins=$(python -c "from blsp.instructions import behavior_instructions as b; print(b()[$k])")
+  blsp behave $W/uniq_$kk.jsonl $W/beh_$kk.jsonl --behavior "$ins" --name instr$kk --echo drop --max-new-tokens 48 --limit 120
+done
+W=$W python docs/results/blsp-base/choice_join.py     # -> choice_clips.jsonl (934 texts, 1,507 clips), free_clips.jsonl (748, 1,179)
+blsp train blsp_default \
+  --set "data.train=[{path: $W/choice_clips.jsonl, task: behavior, weight: 1}, {path: $W/free_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 2}]" \
+  --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_choice --set data.encoder_cache=$W/encoder_cache \
+  --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=2000 --set run.save_every=250 \
+  --set model.init_from=docs/results/blsp-base/instr-stage/adapter
