@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from blsp.cli import main as blsp_main
-from blsp.data.check import CheckLimits, Skipped, check_utterance, iter_good, iter_good_items, load_checked
+from blsp.data.check import CheckLimits, Skipped, check_utterance, iter_good, load_checked
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_iter_good_downstream(seeded):
 
     items = [json.loads(x) for x in m.read_text().splitlines()[:2]]
     sk = Skipped()
-    assert [it["id"] for it, _ in iter_good_items(items, m.parent, skipped=sk)] == ["good"]
+    assert [it["id"] for it, _ in iter_good(m, skipped=sk, items=items)] == ["good"]
     assert sk.counts == {"unreadable": 1}
 
 

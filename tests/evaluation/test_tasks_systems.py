@@ -6,7 +6,8 @@ import pytest
 
 from blsp.errors import BlspError
 from blsp.evaluation.judge import JUDGE_PROMPT, judge_prompt, make_judge, parse_verdict
-from blsp.evaluation.systems import BlspSystem, CascadeSystem, TextSystem, parse_system_specs
+from blsp.evaluation.system_specs import parse_system_specs
+from blsp.evaluation.systems import BlspSystem, CascadeSystem, TextSystem
 from blsp.evaluation.tasks import make_task, parse_task_spec
 from blsp.instructions import CONTINUATION, REPETITION, task_instruction
 

@@ -127,7 +127,7 @@ def test_finetuned_folder_loads_lora_and_encoder_everywhere(tiny_blsp_config, tm
     ):
         with torch.no_grad():
             torch.testing.assert_close(loaded(**batch).logits, want, atol=1e-4, rtol=1e-4)
-    from blsp.evaluation.systems import parse_system_specs
+    from blsp.evaluation.system_specs import parse_system_specs
     from blsp.inference.pipeline import SpeechPipeline
 
     pipe = SpeechPipeline.from_pretrained(tmp_path / "ft", device="cpu")  # chat, serve, ui, generate

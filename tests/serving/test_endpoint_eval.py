@@ -57,7 +57,7 @@ def test_a_served_adapter_gives_the_numbers_of_the_adapter_itself(launch, speech
 
 def test_an_endpoint_spec_needs_a_url():
     from blsp.errors import BlspError
-    from blsp.evaluation.systems import parse_system_specs
+    from blsp.evaluation.system_specs import parse_system_specs
 
     with pytest.raises(BlspError, match="endpoint needs a URL"):
         parse_system_specs(["endpoint:localhost"])

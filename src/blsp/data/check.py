@@ -2,7 +2,7 @@
 
 - :func:`check_utterance` ``(item, manifest_dir) -> SkipReason | None``;
 - :func:`load_checked` ``(item, manifest_dir) -> (audio | None, SkipReason | None)``;
-- :func:`iter_good` / :func:`iter_good_items` yield ``(item, audio)`` for good items and count the
+- :func:`iter_good` yields ``(item, audio)`` for good items and counts the
   skipped ones in a :class:`Skipped`;
 - :func:`check_manifest` is ``blsp data check``: a :class:`CheckReport` and a cleaned manifest.
 
@@ -205,26 +205,20 @@ def iter_good(
     skipped: Skipped | None = None,
     sr: int = SAMPLE_RATE,
     workers: int = 2,
+    *,
+    items: Iterable[dict[str, Any]] | None = None,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """Yield ``(item, audio)`` for each good line of a manifest; bad ones go to ``skipped``."""
+    """Yield ``(item, audio)`` for each good line of a manifest; bad ones go to ``skipped``.
+
+    With ``items`` (already read), those are checked instead of the file's lines; their audio
+    paths are still relative to the manifest's folder.
+    """
     skipped = skipped if skipped is not None else Skipped()
-    rows = ((ln, it, err) for ln, it, _raw, err in iter_manifest(manifest))
+    if items is None:
+        rows = ((ln, it, err) for ln, it, _raw, err in iter_manifest(manifest))
+    else:
+        rows = ((None, it, None) for it in items)
     for _ln, item, audio in _iter_checked(rows, Path(manifest).parent, limits, skipped, sr, workers):
-        yield item, audio
-
-
-def iter_good_items(
-    items: Iterable[dict[str, Any]],
-    manifest_dir: str | os.PathLike[str],
-    limits: CheckLimits = DEFAULT_LIMITS,
-    skipped: Skipped | None = None,
-    sr: int = SAMPLE_RATE,
-    workers: int = 2,
-) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """Like :func:`iter_good` for items already read (audio relative to ``manifest_dir``)."""
-    skipped = skipped if skipped is not None else Skipped()
-    rows = ((None, it, None) for it in items)
-    for _ln, item, audio in _iter_checked(rows, Path(manifest_dir), limits, skipped, sr, workers):
         yield item, audio
 
 

@@ -25,7 +25,7 @@ _LAZY = {
     "make_tasks": "blsp.evaluation.testsets",
     "load_testset": "blsp.evaluation.testsets",
     "build_testset": "blsp.evaluation.testsets",
-    "parse_system_specs": "blsp.evaluation.systems",
+    "parse_system_specs": "blsp.evaluation.system_specs",
     "BlspSystem": "blsp.evaluation.systems",
     "TextSystem": "blsp.evaluation.systems",
     "CascadeSystem": "blsp.evaluation.systems",

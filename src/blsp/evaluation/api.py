@@ -27,14 +27,14 @@ def evaluate(
     share_models: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``systems`` (``[NAME=]KIND[:ARG]`` specs, see
-    :func:`blsp.evaluation.systems.parse_system_specs`) on ``tasks`` (``NAME[@TESTSET]`` specs, see
+    :func:`blsp.evaluation.system_specs.parse_system_specs`) on ``tasks`` (``NAME[@TESTSET]`` specs, see
     :mod:`blsp.evaluation.tasks`); writes ``results.json``, ``results.md`` and per-utterance outputs
     in ``out_dir`` and returns the results dict. ``judge`` is a judge spec or object (QA only).
     ``share_models=False`` loads the encoder and LLM again for every adapter folder (benchmarks).
     """
     from blsp.evaluation.judge import make_judge
     from blsp.evaluation.runner import run_eval
-    from blsp.evaluation.systems import parse_system_specs
+    from blsp.evaluation.system_specs import parse_system_specs
     from blsp.evaluation.testsets import make_tasks
 
     task_objs = make_tasks(tasks, root=testsets, shared=shared_data, limit=limit)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Pipeline
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from blsp.inference.pipeline import SpeechPipeline
 from blsp.instructions import task_instruction
-from blsp.models.auto import register_pipeline
+
+PIPELINE_TASK = "blsp"
 
 
 class BlspPipeline(Pipeline):
@@ -69,4 +71,6 @@ class BlspPipeline(Pipeline):
         return {"generated_text": model_outputs["result"].text}
 
 
-register_pipeline(BlspPipeline)  # the "blsp" task, also when this module is imported first
+# The "blsp" task, registered when this module is imported (``blsp.models.auto`` imports it once
+# ``transformers.pipelines`` is imported; or this module comes first).
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=BlspPipeline, pt_model=AutoModel)

@@ -162,8 +162,7 @@ def engine_kwargs(
     LoRA fine-tune's LLM differs from that one: merge it and pass the merged folder as ``llm``.
     ``gpu_memory_utilization`` is vLLM's share of the GPU (blsp's encoder and adapter use the rest).
     """
-    from blsp.models.hub import resolve
-    from blsp.models.modeling_blsp import LORA_DIR
+    from blsp.models.hub import LORA_DIR, resolve
 
     if llm is None:
         if adapter_dir is not None and (Path(adapter_dir) / LORA_DIR).is_dir():
@@ -247,7 +246,7 @@ def _async_engine(kwargs: dict[str, Any]) -> Any:
 
 def vllm_engine_class() -> type:
     """:class:`VllmEngine`, built on the server's ``BatchEngine`` (imported on first use)."""
-    from blsp.serving.engine import BatchEngine, EngineUnavailable, Job
+    from blsp.serving.engine import BatchEngine, EngineUnavailable, Job, fail_jobs
 
     class _VllmEngine(BatchEngine):
         """The server's engine with vLLM decoding: the worker thread prepares and embeds requests
@@ -327,10 +326,7 @@ def vllm_engine_class() -> type:
                     seed=self.seed,
                 )
             except Exception as e:
-                if not isinstance(e, BlspError):
-                    logger.exception("embedding a batch of %d failed", len(jobs))
-                for j in jobs:
-                    j.fail(e)
+                fail_jobs(jobs, e, "embedding")
                 return
             for job, req in zip(jobs, reqs, strict=True):
                 key = next(self._ids)

@@ -3,13 +3,18 @@
 Three Conv1d (kernel 5, stride 2, padding 2), each followed by a GLU that halves the channels it
 doubled, shorten the encoder output 8 times and map it to the LLM's width; then a Houlsby
 bottleneck (Linear -> GELU -> Linear, no biases, residual) and a LayerNorm.
+
+:class:`EmbeddingCtcHead` scores the adapter's outputs against the frozen LLM's token embeddings:
+the CTC head of the alignment warm start (``blsp.training.ctc``), saved with the adapter.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,3 +65,31 @@ class ModalityAdapter(nn.Module):
         x = x.transpose(1, 2)
         x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
         return self.norm(x), lengths
+
+
+class EmbeddingCtcHead(nn.Module):
+    """CTC logits ``scale * cos(y, [E[token_ids]; blank])`` against the frozen LLM input embeddings ``E``.
+
+    Trainable: the blank vector and the scale. ``token_ids`` is a saved buffer; ``E`` is the LLM's
+    (frozen, not saved with the head).
+    """
+
+    def __init__(self, embeddings: nn.Embedding, num_labels: int, token_ids: list[int] | None = None) -> None:
+        super().__init__()
+        dim = embeddings.embedding_dim
+        self.blank = nn.Parameter(torch.randn(dim) * embeddings.weight.detach().float().std())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        ids = torch.tensor(token_ids if token_ids is not None else [0] * (num_labels - 1), dtype=torch.long)
+        if len(ids) != num_labels - 1:
+            raise ValueError(f"{len(ids)} token ids for a head of {num_labels} labels (blank included)")
+        self.register_buffer("token_ids", ids)
+        object.__setattr__(self, "_embeddings", embeddings)  # a reference, not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # what ctc_log_probs casts the adapter output to
+        return self.blank
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        table = self._embeddings.weight.detach()[self.token_ids].to(y.dtype)
+        labels = torch.cat([F.normalize(table, dim=-1), F.normalize(self.blank.to(y.dtype), dim=0)[None]])
+        return self.log_scale.exp() * F.normalize(y, dim=-1) @ labels.T

@@ -20,7 +20,6 @@ import sys
 import threading
 from typing import Any
 
-PIPELINE_TASK = "blsp"
 _AUTO = "transformers.models.auto.modeling_auto"
 _PIPELINES = "transformers.pipelines"
 _BLSP_PIPELINE = "blsp.inference.transformers_pipeline"
@@ -47,19 +46,9 @@ def register(part: str) -> None:
         module = sys.modules.get(_BLSP_PIPELINE)
         if module is not None and not hasattr(module, "BlspPipeline"):
             # That module is importing transformers.pipelines right now (its first import): it
-            # calls register_pipeline itself once BlspPipeline exists, instead of a circular import.
+            # registers the task itself once BlspPipeline exists.
             return
-        from blsp.inference.transformers_pipeline import BlspPipeline
-
-        register_pipeline(BlspPipeline)
-
-
-def register_pipeline(pipeline_class: Any) -> None:
-    """The ``"blsp"`` task of ``transformers.pipeline``, answered by ``pipeline_class``."""
-    from transformers import AutoModel
-    from transformers.pipelines import PIPELINE_REGISTRY
-
-    PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=pipeline_class, pt_model=AutoModel)
+        import blsp.inference.transformers_pipeline  # noqa: F401  (registers the "blsp" task on import)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -48,6 +48,12 @@ KINDS = ("whisper", "llm")
 DEFAULT_WHISPER = "whisper-base"
 DEFAULT_LLM = "smollm2-135m-instruct"
 
+# The files of a BLSP model folder (beside config.json).
+ADAPTER_WEIGHTS = "adapter.safetensors"
+LORA_DIR = "lora"  # a fine-tune's peft adapter of the LLM (paper Table 4)
+ENCODER_WEIGHTS = "encoder.safetensors"  # a fine-tune's trained encoder
+MODEL_CARD = "README.md"
+
 # Conversions done by this process, by cache folder name (evidence of cache hits for tests and logs).
 CONVERSIONS: Counter[str] = Counter()
 _CONVERT_LOCK = threading.Lock()
@@ -580,8 +586,6 @@ def resolve_adapter(ref: str | os.PathLike[str] | None = None, **hub_kwargs: Any
     """The folder of a BLSP adapter: ``None`` (the shipped default), a shipped name, a folder, or a
     hub id (``org/name``, fetched into the Hugging Face cache; ``hub_kwargs`` go to
     ``snapshot_download``: ``revision``, ``cache_dir``, ``local_files_only``, ``token``)."""
-    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
-
     name = DEFAULT_ADAPTER if ref is None else str(ref)
     if name in PRETRAINED_ADAPTERS:
         folder = pretrained_adapter_dir(name)
@@ -608,8 +612,6 @@ def resolve_adapter(ref: str | os.PathLike[str] | None = None, **hub_kwargs: Any
 
 def pretrained_status() -> list[dict[str, Any]]:
     """One row per shipped adapter: name, description, folder, and whether its files are there."""
-    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
-
     rows = []
     for name, description in PRETRAINED_ADAPTERS.items():
         folder = pretrained_adapter_dir(name)

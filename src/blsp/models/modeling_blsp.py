@@ -28,17 +28,24 @@ from transformers import PreTrainedModel
 
 from blsp.errors import AudioError, BlspError, ModelLoadError
 from blsp.models import generation_blsp
-from blsp.models.adapter import ModalityAdapter
+from blsp.models.adapter import EmbeddingCtcHead, ModalityAdapter
 from blsp.models.configuration_blsp import BlspConfig
 from blsp.models.encoder import SpeechEncoder
+from blsp.models.hub import (
+    ADAPTER_WEIGHTS,
+    ENCODER_WEIGHTS,
+    LORA_DIR,
+    MODEL_CARD,
+    REINSTALL_HINT,
+    is_pretrained_adapter,
+    load_llm,
+    load_whisper,
+    resolve_adapter,
+)
 from blsp.models.prompt import MIN_SHARED_PREFIX, AudioSpan, PromptBuilder
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-LORA_DIR = "lora"  # a fine-tune's peft adapter of the LLM (paper Table 4)
-ENCODER_WEIGHTS = "encoder.safetensors"  # a fine-tune's trained encoder
-MODEL_CARD = "README.md"
 IGNORE_INDEX = -100
 
 
@@ -97,8 +104,6 @@ def model_card_text(config: Any, name: str) -> str:
 
 def _open_adapter_folder(ref: str | Path | None, **hub_kwargs: Any) -> tuple[Path, BlspConfig, str]:
     """The folder of an adapter reference, its config, and the reinstall hint of a shipped one."""
-    from blsp.models.hub import REINSTALL_HINT, is_pretrained_adapter, resolve_adapter
-
     path = resolve_adapter(ref, **hub_kwargs)
     hint = f"; {REINSTALL_HINT}" if is_pretrained_adapter(path) else ""
     if not (path / "config.json").is_file():
@@ -124,8 +129,6 @@ def _load_frozen(
 ) -> tuple[SpeechEncoder, nn.Module, Any]:
     """The frozen encoder, LLM and tokenizer that ``config`` names (fp32 unless ``dtype``);
     ``llm_kwargs``: ``quantization``, ``device_map`` (see ``hub.load_llm``)."""
-    from blsp.models.hub import load_llm, load_whisper
-
     dtype = dtype or torch.float32
     whisper, processor = load_whisper(config.encoder, dtype=dtype)
     encoder = SpeechEncoder(whisper.get_encoder(), processor.feature_extractor)
@@ -216,8 +219,6 @@ class BlspModel(PreTrainedModel):
     @staticmethod
     def _ctc_head(config: BlspConfig, llm: nn.Module) -> nn.Module:
         if getattr(config, "ctc_vocab", None) == "embeddings":
-            from blsp.training.ctc import EmbeddingCtcHead
-
             return EmbeddingCtcHead(llm.get_input_embeddings(), config.ctc_vocab_size)
         return nn.Linear(llm.get_input_embeddings().embedding_dim, config.ctc_vocab_size)
 

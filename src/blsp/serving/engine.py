@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,15 @@ class Job:
     def fail(self, exc: BaseException) -> None:
         self._call(_set_exception, self.future, exc)
         self.emit("error", exc)
+
+
+def fail_jobs(jobs: Iterable[Job], exc: BaseException, what: str) -> None:
+    """Fail every job of a batch step that raised; log the traceback unless it is a known error."""
+    jobs = list(jobs)
+    if not isinstance(exc, BlspError):
+        logger.error("%s of %d requests failed", what, len(jobs), exc_info=exc)
+    for job in jobs:
+        job.fail(exc)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
@@ -329,10 +339,7 @@ class BatchEngine:
                     cancels=[j.cancel for j in group],
                 )
             except Exception as e:  # inputs were checked in _prepare: this is rare (or a bug)
-                if not isinstance(e, BlspError):
-                    logger.exception("generation of a batch of %d failed", len(group))
-                for j in group:
-                    j.fail(e)
+                fail_jobs(group, e, "generation")
                 continue
             for j, r in zip(group, results, strict=True):
                 self.jobs_done += 1
@@ -587,10 +594,7 @@ class ContinuousEngine(BatchEngine):
         try:
             admitted = rows.prefill(ready)
         except Exception as e:  # inputs were checked in _prepare: this is rare (or a bug)
-            if not isinstance(e, BlspError):
-                logger.exception("prefill of %d requests failed", len(ready))
-            for j in ready:
-                j.fail(e)
+            fail_jobs(ready, e, "prefill")
             return
         for row in admitted:
             if row.decode.done:  # ended on its first token
@@ -608,10 +612,7 @@ class ContinuousEngine(BatchEngine):
         try:
             rows.step()
         except Exception as e:  # the batch's state is unknown now: fail its rows, keep serving
-            if not isinstance(e, BlspError):
-                logger.exception("a decode step of %d rows failed", len(rows))
-            for row in rows.clear():
-                row.job.fail(e)
+            fail_jobs([row.job for row in rows.clear()], e, "a decode step")
             return
         for row in rows.retire():
             self._finish(row)

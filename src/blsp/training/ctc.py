@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blsp.errors import AudioError, ModelLoadError
+from blsp.models.adapter import EmbeddingCtcHead
 from blsp.training.data import Example
 
 CHARS = " abcdefghijklmnopqrstuvwxyz'0123456789"
@@ -84,34 +85,6 @@ class CtcVocab:
         if self.kind != "chars":
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return "".join(CHARS[i - 1] for i in ids if 0 < i <= len(CHARS)).strip()
-
-
-class EmbeddingCtcHead(nn.Module):
-    """CTC logits ``scale * cos(y, [E[token_ids]; blank])`` against the frozen LLM input embeddings ``E``.
-
-    Trainable: the blank vector and the scale. ``token_ids`` is a saved buffer; ``E`` is the LLM's
-    (frozen, not saved with the head).
-    """
-
-    def __init__(self, embeddings: nn.Embedding, num_labels: int, token_ids: list[int] | None = None) -> None:
-        super().__init__()
-        dim = embeddings.embedding_dim
-        self.blank = nn.Parameter(torch.randn(dim) * embeddings.weight.detach().float().std())
-        self.log_scale = nn.Parameter(torch.tensor(float(np.log(10.0))))
-        ids = torch.tensor(token_ids if token_ids is not None else [0] * (num_labels - 1), dtype=torch.long)
-        if len(ids) != num_labels - 1:
-            raise ValueError(f"{len(ids)} token ids for a head of {num_labels} labels (blank included)")
-        self.register_buffer("token_ids", ids)
-        object.__setattr__(self, "_embeddings", embeddings)  # a reference, not a submodule
-
-    @property
-    def weight(self) -> torch.Tensor:  # what ctc_log_probs casts the adapter output to
-        return self.blank
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        table = self._embeddings.weight.detach()[self.token_ids].to(y.dtype)
-        labels = torch.cat([F.normalize(table, dim=-1), F.normalize(self.blank.to(y.dtype), dim=0)[None]])
-        return self.log_scale.exp() * F.normalize(y, dim=-1) @ labels.T
 
 
 def configure_ctc(

@@ -144,7 +144,8 @@ def export_adapter(
     """Write ``out`` (config.json, adapter.safetensors, README.md, training_state.json) from a run."""
     from safetensors.torch import load_file
 
-    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS, write_adapter_folder
+    from blsp.models.hub import ADAPTER_WEIGHTS
+    from blsp.models.modeling_blsp import write_adapter_folder
     from blsp.utils.io import atomic_write_json, atomic_write_text
 
     source, out = Path(source), Path(out)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from blsp.errors import ModelLoadError
-from blsp.models.modeling_blsp import ENCODER_WEIGHTS, LORA_DIR
+from blsp.models.hub import ENCODER_WEIGHTS, LORA_DIR
 from blsp.training.config import LoraConfig
 
 log = logging.getLogger(__name__)

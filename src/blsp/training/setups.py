@@ -110,7 +110,8 @@ def _blsp_config(cfg: Config) -> Any:
 
 def build_blsp_model(cfg: Config, device: torch.device) -> tuple[Any, dict[str, torch.Tensor]]:
     """The BLSP model of the recipe (no CTC head), and the initial weights from ``init_from``."""
-    from blsp.models.modeling_blsp import ADAPTER_WEIGHTS, BlspModel
+    from blsp.models.hub import ADAPTER_WEIGHTS
+    from blsp.models.modeling_blsp import BlspModel
 
     bc = _blsp_config(cfg)
     bc.ctc_vocab_size = None
@@ -230,7 +231,7 @@ class BlspSetup(TrainingSetup):
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
+        from blsp.models.hub import ADAPTER_WEIGHTS
 
         self.model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), source=str(path))
         if self.lora:
@@ -265,7 +266,8 @@ class CtcSetup(TrainingSetup):
             )
 
     def _build(self, token_ids: list[int] | None) -> None:
-        from blsp.training.ctc import CtcCollator, CtcLoss, EmbeddingCtcHead, configure_ctc
+        from blsp.models.adapter import EmbeddingCtcHead
+        from blsp.training.ctc import CtcCollator, CtcLoss, configure_ctc
 
         cfg, model = self.cfg, self.model
         try:
@@ -307,7 +309,7 @@ class CtcSetup(TrainingSetup):
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        from blsp.models.modeling_blsp import ADAPTER_WEIGHTS
+        from blsp.models.hub import ADAPTER_WEIGHTS
 
         self.model.load_trainable_state_dict(load_file(str(path / ADAPTER_WEIGHTS)), source=str(path))
 
