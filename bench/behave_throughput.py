@@ -91,15 +91,16 @@ def main() -> None:
     import torch
 
     from blsp.behaviors.backends import GenerationSettings, TransformersBackend
-    from blsp.behaviors.generate import load_config, prompt_builder, text_prompt
+    from blsp.behaviors.job import load_config, text_prompt
     from blsp.instructions import CONTINUATION
     from blsp.models.hub import load_llm
+    from blsp.models.prompt import PromptBuilder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     texts, source = load_sentences(args.n)
     model, tokenizer = load_llm(args.model)
-    builder = prompt_builder(tokenizer, load_config(None, args.model, None))
+    builder = PromptBuilder.from_config(tokenizer, load_config(None, args.model, None))
     prompts = [text_prompt(builder, CONTINUATION, t) for t in texts]
     stops = builder.stop_token_ids
     static = TransformersBackend(model, tokenizer, stops, batching="static")

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from blsp.behaviors.backends import GenerationSettings, HttpBackend, completions_url
-from blsp.behaviors.generate import BehaveOptions, run_behave
 from blsp.behaviors.inputs import sidecar
+from blsp.behaviors.job import BehaveOptions, run_behave
 from blsp.utils.io import iter_jsonl
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from blsp.behaviors.backends import GenerationSettings
-from blsp.behaviors.generate import BehaveOptions, prompt_fingerprint, run_behave
 from blsp.behaviors.inputs import sidecar
+from blsp.behaviors.job import BehaveOptions, run_behave
 from blsp.instructions import CONTINUATION, REPETITION
+from blsp.models.prompt import prompt_fingerprint
 from blsp.utils.io import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

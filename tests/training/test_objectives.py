@@ -137,8 +137,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_rec
 def test_behavior_lines_generated_from_another_prompt_are_reported(tiny_recipe, caplog):
     from dataclasses import replace
 
-    from blsp.behaviors.generate import prompt_fingerprint
-    from blsp.models.prompt import make_conversation
+    from blsp.models.prompt import make_conversation, prompt_fingerprint
 
     task, examples = _task(tiny_recipe)
     a, b = examples[0], examples[1]

@@ -157,7 +157,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 def _behave(args: argparse.Namespace) -> int:
     from blsp.behaviors.backends import parse_extra_body
-    from blsp.behaviors.generate import BehaveOptions, run_behave
+    from blsp.behaviors.job import BehaveOptions, run_behave
 
     settings = settings_from_args(args)
     opts = BehaveOptions(

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from blsp.behaviors.generate import VOLATILE_SETTINGS
 from blsp.behaviors.inputs import read_inputs, sidecar
+from blsp.behaviors.job import VOLATILE_SETTINGS
 from blsp.data.manifest import relocate_audio
 from blsp.errors import BlspError
 from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl

@@ -205,12 +205,7 @@ class BlspModel(PreTrainedModel):
         self.extra = nn.ModuleDict()  # optional trainable heads saved with the adapter (e.g. "ctc")
         if config.ctc_vocab_size:
             self.extra["ctc"] = self._ctc_head(config, llm)
-        self.prompt = PromptBuilder(
-            tokenizer,
-            template=config.prompt_template,
-            instruction_separator=config.instruction_separator,
-            system_prompt=config.system_prompt,
-        )
+        self.prompt = PromptBuilder.from_config(tokenizer, config)
         for p in [*self.encoder.parameters(), *self.llm.parameters()]:
             p.requires_grad_(False)
         self.adapter.to(torch.float32)

@@ -12,6 +12,8 @@ the paper's ``###[Human]:<instruction><speech>\\n\\n\\n###[Assistant]:`` format.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -83,8 +85,23 @@ class Prompt:
         return [t for s in self.segments for t in s]  # type: ignore[union-attr]
 
 
+def prompt_fingerprint(ids: Sequence[int]) -> str:
+    """Short stable hash of prompt token ids (a behavior line's ``prompt_sha1``)."""
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
 class PromptBuilder:
     """Turns conversations into token segments with one tokenizer and one template."""
+
+    @classmethod
+    def from_config(cls, tokenizer: Any, config: Any) -> PromptBuilder:
+        """The builder of a ``BlspConfig``'s prompt fields: the one ``BlspModel(config)`` uses."""
+        return cls(
+            tokenizer,
+            template=config.prompt_template,
+            instruction_separator=config.instruction_separator,
+            system_prompt=config.system_prompt,
+        )
 
     def __init__(
         self,

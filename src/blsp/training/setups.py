@@ -184,8 +184,7 @@ class BlspSetup(TrainingSetup):
     def check_examples(self, examples: list[Example], limit: int = 64) -> None:
         """Warn when behavior responses were generated from another text-path prompt (another LLM,
         tokenizer or template than this model's), using the ``prompt_sha1`` of ``blsp behaviors``."""
-        from blsp.behaviors.generate import prompt_fingerprint
-        from blsp.models.prompt import make_conversation
+        from blsp.models.prompt import make_conversation, prompt_fingerprint
 
         tagged = [e for e in examples if e.prompt_sha1 and e.transcript][:limit]
         bad = [

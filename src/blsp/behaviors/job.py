@@ -23,7 +23,6 @@ never writes a line twice. With ``num_shards > 1`` (or under ``torchrun``) the o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import zlib
@@ -48,6 +47,7 @@ from blsp.behaviors.inputs import (
 from blsp.errors import BlspError, ConfigError
 from blsp.models.generation_blsp import GenerationParams
 from blsp.models.hub import DEFAULT_LLM
+from blsp.models.prompt import PromptBuilder, prompt_fingerprint
 from blsp.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -59,23 +59,6 @@ VOLATILE_SETTINGS = frozenset({"backend", "batching", "served_model", "prompt_fo
 
 
 # --------------------------------------------------------------------------------------- prompts
-
-
-def prompt_builder(tokenizer: Any, config: Any) -> Any:
-    """The PromptBuilder that ``BlspModel(config)`` builds, from a tokenizer only (no encoder load)."""
-    from blsp.models.prompt import PromptBuilder
-
-    return PromptBuilder(
-        tokenizer,
-        template=config.prompt_template,
-        instruction_separator=config.instruction_separator,
-        system_prompt=config.system_prompt,
-    )
-
-
-def prompt_fingerprint(ids: Sequence[int]) -> str:
-    """Short stable hash of prompt token ids (stored as ``prompt_sha1``)."""
-    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 def text_prompt(builder: Any, instruction: str, transcript: str) -> list[int]:
@@ -367,7 +350,7 @@ class BehaviorJob:
                 self.out, len(items), self.shard_index, self.num_shards, len(items) - len(todo), len(todo),
             )  # fmt: skip
             if todo:
-                self.builder = prompt_builder(self._ensure_tokenizer(), self.config)
+                self.builder = PromptBuilder.from_config(self._ensure_tokenizer(), self.config)
                 self._record = self.generation_record()
                 self._check_compatible(self._record)
                 self._process(todo, kept, rejected, failed_path, stats)

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from blsp.behaviors.backends import GenerationSettings
-from blsp.behaviors.generate import BehaveOptions, BehaviorJob, prompt_fingerprint, run_behave
 from blsp.behaviors.inputs import read_inputs, resolve_behavior, shard_path, shard_spec, sidecar
+from blsp.behaviors.job import BehaveOptions, BehaviorJob, run_behave
 from blsp.behaviors.merge import merge_shards
 from blsp.errors import BlspError, ConfigError
 from blsp.instructions import CONTINUATION, REPETITION
+from blsp.models.prompt import prompt_fingerprint
 from blsp.utils.io import iter_jsonl
 
 SENTENCES = Path(__file__).resolve().parents[2] / "src/blsp/resources/sentences/train.txt"
@@ -264,12 +265,12 @@ def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
 
 def test_shrinking_batches_give_the_responses_of_model_generate(tiny_dirs):
     from blsp.behaviors.backends import TransformersBackend
-    from blsp.behaviors.generate import load_config, prompt_builder, text_prompt
+    from blsp.behaviors.job import load_config, text_prompt
     from blsp.models.hub import load_llm
-    from blsp.models.prompt import MIN_SHARED_PREFIX, shared_prefix_length
+    from blsp.models.prompt import MIN_SHARED_PREFIX, PromptBuilder, shared_prefix_length
 
     model, tokenizer = load_llm(str(tiny_dirs["llm"]))
-    builder = prompt_builder(tokenizer, load_config(None, str(tiny_dirs["llm"]), None))
+    builder = PromptBuilder.from_config(tokenizer, load_config(None, str(tiny_dirs["llm"]), None))
     prompts = [text_prompt(builder, CONTINUATION, t) for t in sentences(6)]
     stops = builder.stop_token_ids
     # Make some rows stop early: the tiny random LLM rarely emits its end token on its own, so use
