@@ -90,7 +90,7 @@ def main() -> None:
 
     import torch
 
-    from blsp.behaviors.backends import GenerationSettings, TransformersBackend
+    from blsp.behaviors.backends import TransformersBackend, behavior_params
     from blsp.behaviors.job import load_config, text_prompt
     from blsp.instructions import CONTINUATION
     from blsp.models.hub import load_llm
@@ -105,7 +105,7 @@ def main() -> None:
     stops = builder.stop_token_ids
     static = TransformersBackend(model, tokenizer, stops, batching="static")
     shrink = TransformersBackend(model, tokenizer, stops, batching="shrink")
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    settings = behavior_params(max_new_tokens=args.max_new_tokens)
     lengths = sorted(len(p) for p in prompts)
     print(
         f"model {args.model} | {len(prompts)} real sentences from {source.relative_to(source.parents[2])} | "
@@ -114,7 +114,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}"
     )
     for b in (static, shrink):  # warm-up
-        blsp_generator(b, prompts[:2], GenerationSettings(max_new_tokens=4), 2)
+        blsp_generator(b, prompts[:2], behavior_params(max_new_tokens=4), 2)
 
     runs = {
         "original: file order, batch 8": lambda: original_loop(

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from blsp.behaviors.backends import GenerationSettings, HttpBackend, completions_url
+from blsp.behaviors.backends import HttpBackend, behavior_params, completions_url
 from blsp.behaviors.inputs import sidecar
 from blsp.behaviors.job import BehaveOptions, run_behave
 from blsp.utils.io import iter_jsonl
@@ -71,7 +71,7 @@ def test_completions_url():
 
 def test_retries_timeouts_and_client_errors(faulty, loopback):
     prompts = [[10 + m, 5, 5] for m in range(10)]  # first id mod 10 = m
-    settings = GenerationSettings(max_new_tokens=12)
+    settings = behavior_params(max_new_tokens=12)
     with loopback(faulty.app) as url:
         backend = HttpBackend(url + "/v1", "served-name", concurrency=4, timeout=0.4, retries=3, backoff=0.01)
         results = backend.generate(prompts, settings)
@@ -93,7 +93,7 @@ def test_retries_timeouts_and_client_errors(faulty, loopback):
 
 def test_dead_endpoint_fails_every_line_without_raising():
     backend = HttpBackend("http://127.0.0.1:9", "m", concurrency=2, timeout=0.5, retries=1, backoff=0.01)
-    results = backend.generate([[1, 2], [3, 4]], GenerationSettings())
+    results = backend.generate([[1, 2], [3, 4]], behavior_params())
     backend.close()
     assert [r.finish for r in results] == ["error", "error"]
     assert all("connection error" in r.error for r in results)
@@ -113,7 +113,7 @@ def test_failed_lines_are_recorded_the_job_goes_on_and_a_rerun_retries_them(
         model=str(tiny_dirs["llm"]),
         backend="http",
         endpoint=None,
-        settings=GenerationSettings(max_new_tokens=8),
+        settings=behavior_params(max_new_tokens=8),
         batch_size=8,
         concurrency=4,
         timeout=0.4,

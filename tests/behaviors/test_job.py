@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from blsp.behaviors.backends import GenerationSettings
+from blsp.behaviors.backends import behavior_params
 from blsp.behaviors.inputs import read_inputs, resolve_behavior, shard_path, shard_spec, sidecar
 from blsp.behaviors.job import BehaveOptions, BehaviorJob, run_behave
 from blsp.behaviors.merge import merge_shards
@@ -56,7 +56,7 @@ def manifest(tmp_path) -> Path:
 
 
 def opts(tiny_dirs, manifest: Path, out: Path, **kw) -> BehaveOptions:
-    kw.setdefault("settings", GenerationSettings(max_new_tokens=6))
+    kw.setdefault("settings", behavior_params(max_new_tokens=6))
     kw.setdefault("batch_size", 4)
     return BehaveOptions(manifest=manifest, out=out, model=str(tiny_dirs["llm"]), **kw)
 
@@ -196,7 +196,7 @@ def test_appending_with_other_settings_is_refused(tiny_dirs, manifest, tmp_path)
     out = tmp_path / "cw.jsonl"
     run_behave(opts(tiny_dirs, manifest, out, limit=2))
     with pytest.raises(ConfigError, match="max_new_tokens"):
-        run_behave(opts(tiny_dirs, manifest, out, settings=GenerationSettings(max_new_tokens=7)))
+        run_behave(opts(tiny_dirs, manifest, out, settings=behavior_params(max_new_tokens=7)))
     with pytest.raises(ConfigError, match="instruction"):
         run_behave(opts(tiny_dirs, manifest, out, behavior="Summarize the following text briefly."))
 
@@ -248,7 +248,7 @@ def test_sharded_runs_merge_into_one_output(tiny_dirs, manifest, tmp_path, monke
 def test_merge_refuses_shards_of_different_runs(tiny_dirs, manifest, tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     run_behave(opts(tiny_dirs, manifest, a, limit=2))
-    run_behave(opts(tiny_dirs, manifest, b, limit=2, settings=GenerationSettings(max_new_tokens=5)))
+    run_behave(opts(tiny_dirs, manifest, b, limit=2, settings=behavior_params(max_new_tokens=5)))
     with pytest.raises(BlspError, match="other settings"):
         merge_shards([a, b], tmp_path / "m.jsonl")
     assert not (tmp_path / "m.jsonl").exists()
@@ -276,18 +276,18 @@ def test_shrinking_batches_give_the_responses_of_model_generate(tiny_dirs):
     # Make some rows stop early: the tiny random LLM rarely emits its end token on its own, so use
     # tokens it does emit as extra stop tokens (found from a first static run).
     probe = TransformersBackend(model, tokenizer, stops, batching="static").generate(
-        prompts, GenerationSettings(max_new_tokens=3)
+        prompts, behavior_params(max_new_tokens=3)
     )
     extra = {tokenizer(c.text, add_special_tokens=False)["input_ids"][-1] for c in probe[:2] if c.text}
     stops = [*stops, *sorted(extra)]
-    settings = GenerationSettings(max_new_tokens=8)
+    settings = behavior_params(max_new_tokens=8)
     static = TransformersBackend(model, tokenizer, stops, batching="static").generate(prompts, settings)
     shrink = TransformersBackend(model, tokenizer, stops, batching="shrink").generate(prompts, settings)
     assert {c.finish for c in static} == {"stop", "length"}, "the test needs rows that end at different steps"
     assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX, "shrink computes the shared head once"
     assert [(c.text, c.finish, c.tokens) for c in shrink] == [(c.text, c.finish, c.tokens) for c in static]
 
-    sampling = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)
+    sampling = behavior_params(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9)
     backend = TransformersBackend(model, tokenizer, stops)
     a = backend.generate(prompts, sampling, seed=123)
     b = backend.generate(prompts, sampling, seed=123)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blsp.behaviors.backends import GenerationSettings
+from blsp.behaviors.backends import behavior_params
 from blsp.behaviors.inputs import sidecar
 from blsp.behaviors.job import BehaveOptions, run_behave
 from blsp.instructions import CONTINUATION, REPETITION
@@ -178,7 +178,7 @@ def test_http_backend_matches_transformers_backend_greedy(real_model, loopback, 
     texts = sentences(6, start=100)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"h{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    common = dict(manifest=manifest, settings=GenerationSettings(max_new_tokens=24), echo="flag")
+    common = dict(manifest=manifest, settings=behavior_params(max_new_tokens=24), echo="flag")
     local = run_behave(
         BehaveOptions(out=tmp_path / "tf.jsonl", **common), llm=(real_model.llm, real_model.tokenizer)
     )
@@ -231,7 +231,7 @@ def test_sigkill_mid_run_then_rerun_loses_nothing_and_duplicates_nothing(tiny_di
             out=out,
             model=str(tiny_dirs["llm"]),
             batch_size=2,
-            settings=GenerationSettings(max_new_tokens=16),
+            settings=behavior_params(max_new_tokens=16),
             max_prompt_tokens=1000,
         )
     )

@@ -48,10 +48,10 @@ def test_updated_replaces_only_what_is_given():
 
 
 def test_behavior_settings_keep_their_line_format():
-    from blsp.behaviors.backends import GenerationSettings
+    from blsp.behaviors.backends import behavior_params
 
-    assert GenerationSettings(max_new_tokens=6).record() == {"max_new_tokens": 6, "do_sample": False}
-    s = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    assert behavior_params(max_new_tokens=6).record() == {"max_new_tokens": 6, "do_sample": False}
+    s = behavior_params(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
     assert isinstance(s, GenerationParams) and s.top_k == 0
     assert s.record() == {
         "max_new_tokens": 8,
@@ -60,7 +60,7 @@ def test_behavior_settings_keep_their_line_format():
         "top_p": 0.9,
         "seed": 3,
     }
-    assert GenerationSettings(do_sample=False, temperature=0.8).do_sample is False
+    assert behavior_params(do_sample=False, temperature=0.8).do_sample is False
 
 
 @pytest.mark.parametrize(

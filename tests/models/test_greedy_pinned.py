@@ -114,11 +114,11 @@ def chat(model, clips):
 
 
 def behave(model, batching):
-    from blsp.behaviors.backends import GenerationSettings, TransformersBackend
+    from blsp.behaviors.backends import TransformersBackend, behavior_params
 
     prompts = [model.prompt.text_prompt(make_conversation(CONTINUATION, transcript=t)) for t in TRANSCRIPTS]
     backend = TransformersBackend(model.llm, model.tokenizer, model.prompt.stop_token_ids, batching=batching)
-    out = backend.generate(prompts, GenerationSettings(max_new_tokens=12))  # the last row hits it
+    out = backend.generate(prompts, behavior_params(max_new_tokens=12))  # the last row hits it
     return [(c.text, c.finish, c.tokens) for c in out]
 
 

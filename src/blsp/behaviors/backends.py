@@ -38,19 +38,19 @@ BATCHING = ("shrink", "static")
 BEHAVIOR_TOP_K = 0  # sampling draws from the whole vocabulary, as vLLM and OpenAI-compatible servers do
 
 
-def GenerationSettings(
+def behavior_params(
     max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> GenerationParams:
-    """Behavior-step settings in ``generate``'s convention (greedy unless ``do_sample``; then
-    ``temperature`` must be > 0), as the one settings type, ``GenerationParams``.
+    """The behavior step's ``GenerationParams`` from ``generate``'s flags (greedy unless ``do_sample``
+    or ``temperature > 0``; see :meth:`GenerationParams.from_flags`).
 
-    (The behavior step's own settings class before the settings types were merged; its name is
-    kept for its callers.) Sampling uses ``top_k=BEHAVIOR_TOP_K`` so that every backend samples
-    from the same distribution; ``GenerationParams.record`` is what each output line keeps.
+    Sampling uses ``top_k=BEHAVIOR_TOP_K`` so that every backend samples from the same distribution.
+    The loop guard is off: the vLLM and HTTP backends cannot apply it, and step 1's answers must not
+    depend on the backend (its filters drop degenerate answers instead).
     """
     return GenerationParams.from_flags(
         do_sample=do_sample,
@@ -59,6 +59,7 @@ def GenerationSettings(
         top_p=top_p,
         top_k=BEHAVIOR_TOP_K,
         seed=seed,
+        loop_guard=False,
     )
 
 

@@ -142,15 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     """The ``GenerationParams`` of ``blsp behave``'s decoding flags (temperature 0 = greedy, as every
     blsp command; ``--do-sample`` samples at ``--temperature``, 1.0 when it is not given)."""
-    from blsp.behaviors.backends import BEHAVIOR_TOP_K
-    from blsp.models.generation_blsp import GenerationParams
+    from blsp.behaviors.backends import behavior_params
 
-    return GenerationParams.from_flags(
+    return behavior_params(
         do_sample=True if args.do_sample else None,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         top_p=args.top_p,
-        top_k=BEHAVIOR_TOP_K,
         seed=args.seed,
     )
 

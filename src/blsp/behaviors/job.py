@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blsp.behaviors.backends import Backend, Completion, GenerationSettings
+from blsp.behaviors.backends import Backend, Completion, behavior_params
 from blsp.behaviors.filters import EMPTY_TRANSCRIPT, TOO_LONG, judge
 from blsp.behaviors.inputs import (
     Item,
@@ -120,7 +120,7 @@ class BehaveOptions:
     backend: str = "transformers"
     batching: str = "shrink"  # transformers backend: shrink (drop finished rows) or static (model.generate)
     batch_size: int | None = None
-    settings: GenerationParams = field(default_factory=GenerationSettings)
+    settings: GenerationParams = field(default_factory=behavior_params)
     max_prompt_tokens: int = 192
     echo: str | None = None  # drop | flag (default: drop for continuation, flag for free instructions)
     num_shards: int | None = None

@@ -21,6 +21,7 @@ def evaluate(
     device: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    loop_guard: bool = True,
     judge: str | Any = None,
     judge_api_key: str | None = None,
     retry_failed: bool = False,
@@ -48,6 +49,7 @@ def evaluate(
         out_dir,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        loop_guard=loop_guard,
         judge=judge_obj,
         retry_failed=retry_failed,
     )

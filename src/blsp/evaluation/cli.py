@@ -37,6 +37,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--no-loop-guard",
+        dest="loop_guard",
+        action="store_false",
+        help="plain greedy decoding: do not end an answer that falls into a loop (see GenerationParams)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
         "--judge", help="QA judge: openai:MODEL@BASE_URL, http(s)://BASE_URL#MODEL, or a local LLM reference"
@@ -179,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        loop_guard=args.loop_guard,
         judge=_judge(args),
         retry_failed=args.retry_failed,
         share_models=args.share_models,
@@ -271,6 +278,7 @@ def _progress(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         judge=_judge(args),
+        loop_guard=args.loop_guard,
     )
     for name, pts in res["series"].items():
         print(name + ": " + ", ".join(f"{s}={'–' if v is None else f'{v:.2f}'}" for s, v in pts))

@@ -54,7 +54,8 @@ def results_to_markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     if meta:
         lines.append(
-            f"Created {meta.get('created', '?')}; greedy decoding, max_new_tokens={meta.get('max_new_tokens')}."
+            f"Created {meta.get('created', '?')}; greedy decoding"
+            f"{' with the loop guard' if meta.get('loop_guard') else ''}, max_new_tokens={meta.get('max_new_tokens')}."
         )
         lines.append("")
     head = ["System"] + [

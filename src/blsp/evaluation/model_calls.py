@@ -14,14 +14,19 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:500]
 
 
-def generate_safe(model: Any, convs: Sequence[Any], max_new_tokens: int) -> list[str | Exception]:
-    """``model.generate`` over ``convs``; a failing batch is retried item by item."""
+def generate_safe(
+    model: Any, convs: Sequence[Any], max_new_tokens: int, loop_guard: bool = True
+) -> list[str | Exception]:
+    """``model.generate`` over ``convs`` (greedy; ``loop_guard`` as in ``GenerationParams``); a failing
+    batch is retried item by item."""
     todo = [i for i, c in enumerate(convs) if not isinstance(c, Exception)]
     out: list[str | Exception] = [c if isinstance(c, Exception) else "" for c in convs]
     if not todo:
         return out
     try:
-        texts = model.generate([{"conversation": convs[i]} for i in todo], max_new_tokens=max_new_tokens)
+        texts = model.generate(
+            [{"conversation": convs[i]} for i in todo], max_new_tokens=max_new_tokens, loop_guard=loop_guard
+        )
         for i, t in zip(todo, texts, strict=True):
             out[i] = t
         return out
@@ -32,7 +37,9 @@ def generate_safe(model: Any, convs: Sequence[Any], max_new_tokens: int) -> list
         log.warning("generation failed on a batch of %d (%s); retrying one by one", len(todo), error_text(e))
     for i in todo:
         try:
-            out[i] = model.generate([{"conversation": convs[i]}], max_new_tokens=max_new_tokens)[0]
+            out[i] = model.generate(
+                [{"conversation": convs[i]}], max_new_tokens=max_new_tokens, loop_guard=loop_guard
+            )[0]
         except Exception as e:
             out[i] = e
     return out

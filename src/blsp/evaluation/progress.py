@@ -84,6 +84,7 @@ def progress_curve(
     max_new_tokens: int = 64,
     device: str | None = None,
     judge: Any = None,
+    loop_guard: bool = True,
 ) -> dict[str, Any]:
     """Evaluate each checkpoint on ``tasks`` and plot each task's primary metric vs step.
 
@@ -98,7 +99,13 @@ def progress_curve(
     ckpts = expand_checkpoints(checkpoints)
     systems = [BlspSystem(p, name=f"step {s}", device=device) for s, p in ckpts]
     results = run_eval(
-        systems, tasks, out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, judge=judge
+        systems,
+        tasks,
+        out_dir,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        loop_guard=loop_guard,
+        judge=judge,
     )
     series: dict[str, list[tuple[int, float | None]]] = {}
     lower: dict[str, bool] = {}

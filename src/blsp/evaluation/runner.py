@@ -119,6 +119,7 @@ def _run_batch(
     transcripts: _TranscriptCache | None,
     mapper: LabelMapper | None,
     max_new_tokens: int,
+    loop_guard: bool = True,
 ) -> list[dict[str, Any]]:
     speech = system.uses_audio and transcripts is None  # the speech itself goes to the model
     audios: list[Any] = _load_audios(items) if speech else [None] * len(items)
@@ -134,7 +135,7 @@ def _run_batch(
         except Exception as e:
             convs.append(e)
     model = system.model
-    responses = generate_safe(model, convs, max_new_tokens)
+    responses = generate_safe(model, convs, max_new_tokens, loop_guard)
 
     rows: list[dict[str, Any]] = []
     for it, r, t in zip(items, responses, trs, strict=True):
@@ -153,7 +154,7 @@ def _run_batch(
         rows.append(row)
 
     if task.kind == "align":
-        _align(system, task, items, convs, rows, max_new_tokens)
+        _align(system, task, items, convs, rows, max_new_tokens, loop_guard)
     return rows
 
 
@@ -234,7 +235,9 @@ def content_rows(
     return rows
 
 
-def _align(system: System, task: Task, items, convs, rows, max_new_tokens: int) -> None:
+def _align(
+    system: System, task: Task, items, convs, rows, max_new_tokens: int, loop_guard: bool = True
+) -> None:
     """Behavior alignment: the text-path response to the same instruction, and the token KL."""
     from blsp.models.prompt import make_conversation
 
@@ -247,7 +250,7 @@ def _align(system: System, task: Task, items, convs, rows, max_new_tokens: int) 
             if isinstance(text, str) and text.strip()
             else ValueError("no transcript")
         )
-    text_resp = generate_safe(model, text_convs, max_new_tokens)
+    text_resp = generate_safe(model, text_convs, max_new_tokens, loop_guard)
     pairs = []
     for k, (row, tr) in enumerate(zip(rows, text_resp, strict=True)):
         row["text_response"] = None if isinstance(tr, Exception) else tr
@@ -330,6 +333,7 @@ def evaluate_system_task(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    loop_guard: bool = True,
     judge: Any = None,
     retry_failed: bool = False,
 ) -> dict[str, Any]:
@@ -382,7 +386,7 @@ def evaluate_system_task(
                 if task.kind == "content":
                     rows = content_rows(system, task, batch, partners)
                 else:
-                    rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens)
+                    rows = _run_batch(system, task, batch, transcripts, mapper, max_new_tokens, loop_guard)
             except Exception as e:  # a bug or a model that cannot load: record every item as failed
                 log.error("%s on %s: batch failed: %s", system.name, task.key, error_text(e))
                 rows = [
@@ -427,6 +431,7 @@ def run_eval(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    loop_guard: bool = True,
     judge: Any = None,
     write: bool = True,
     retry_failed: bool = False,
@@ -449,6 +454,7 @@ def run_eval(
         "meta": {
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "max_new_tokens": max_new_tokens,
+            "loop_guard": loop_guard,
             "batch_size": batch_size,
             "judge": getattr(judge, "name", None),
             "normalizers": {
@@ -478,6 +484,7 @@ def run_eval(
                     out_dir,
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
+                    loop_guard=loop_guard,
                     judge=judge,
                     retry_failed=retry_failed,
                 )

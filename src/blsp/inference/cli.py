@@ -37,6 +37,12 @@ def _gen_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's setting)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument(
+        "--no-loop-guard",
+        dest="loop_guard",
+        action="store_false",
+        help="do not end an answer that falls into a loop (a short span repeated back to back)",
+    )
     p.add_argument("--max-audio-seconds", type=float, default=None, help="refuse clips longer than this")
 
 
@@ -105,7 +111,11 @@ def pipeline_from_args(args: argparse.Namespace, **kwargs):
 
 def _pipeline(args: argparse.Namespace):
     return pipeline_from_args(
-        args, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+        args,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        loop_guard=args.loop_guard,
     )
 
 

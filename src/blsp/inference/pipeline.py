@@ -37,7 +37,8 @@ class SpeechPipeline:
     Args:
         model: a loaded ``BlspModel``.
         limits: bounds applied to every audio input (seconds, bytes).
-        max_new_tokens, temperature, top_p: defaults of every call (temperature 0 = greedy).
+        max_new_tokens, temperature, top_p, loop_guard: defaults of every call (temperature 0 = greedy;
+        ``loop_guard`` ends an answer that falls into a loop, see ``GenerationParams``).
     """
 
     def __init__(
@@ -48,10 +49,13 @@ class SpeechPipeline:
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        loop_guard: bool = True,
     ) -> None:
         self.model = model
         self.limits = limits or AudioLimits()
-        self.defaults = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.defaults = GenerationParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, loop_guard=loop_guard
+        )
 
     @classmethod
     def from_pretrained(

@@ -41,6 +41,7 @@ from blsp.models.generation_blsp import (
     GenerationResult,
     StreamTextFilter,
     finalize_text,
+    first_loop,
     per_row,
 )
 from blsp.utils.torch import torch_dtype
@@ -132,15 +133,28 @@ def build_requests(
 
 
 def result_from_completion(
-    completion: Any, params: GenerationParams, stop_token_ids: Iterable[int], prompt_tokens: int
+    completion: Any,
+    params: GenerationParams,
+    stop_token_ids: Iterable[int],
+    prompt_tokens: int,
+    tokenizer: Any = None,
 ) -> GenerationResult:
-    """blsp's result from a vLLM ``CompletionOutput`` (``text``, ``token_ids``, ``finish_reason``)."""
+    """blsp's result from a vLLM ``CompletionOutput`` (``text``, ``token_ids``, ``finish_reason``).
+
+    With ``tokenizer`` and ``params.loop_guard``, an answer that fell into a loop is cut as the
+    transformers path cuts it (vLLM itself decoded on to the end of the loop or the budget).
+    """
     stops = set(stop_token_ids)
     tokens = list(completion.token_ids)
     while tokens and tokens[-1] in stops:  # vLLM keeps the stop token; blsp's answers do not
         tokens.pop()
-    text, hit = finalize_text(completion.text or "", params.stop)
-    reason = FINISH_STOP if hit or completion.finish_reason == "stop" else FINISH_LENGTH
+    raw = completion.text or ""
+    looped = False
+    if tokenizer is not None and params.loop_guard and (keep := first_loop(tokens)) is not None:
+        tokens, looped = tokens[:keep], True
+        raw = tokenizer.decode(tokens, skip_special_tokens=True)
+    text, hit = finalize_text(raw, params.stop)
+    reason = FINISH_STOP if hit or looped or completion.finish_reason == "stop" else FINISH_LENGTH
     return GenerationResult(text=text, token_ids=tokens, finish_reason=reason, prompt_tokens=prompt_tokens)
 
 
@@ -211,7 +225,7 @@ class VllmGenerator:
         )
         stops = self.model.prompt.stop_token_ids
         return [
-            result_from_completion(o.outputs[0], p, stops, r.prompt_tokens)
+            result_from_completion(o.outputs[0], p, stops, r.prompt_tokens, self.model.tokenizer)
             for o, p, r in zip(outs, params, reqs, strict=True)
         ]
 
@@ -350,7 +364,9 @@ def vllm_engine_class() -> type:
                         job.emit("delta", delta)
                 if last is None:
                     raise BlspError("vLLM returned no output")
-                result = result_from_completion(last, job.params, stops, req.prompt_tokens)
+                result = result_from_completion(
+                    last, job.params, stops, req.prompt_tokens, self.model.tokenizer
+                )
                 if job.cancel.is_set():
                     result.finish_reason = FINISH_CANCELLED
                 if stream is not None and (rest := stream.finish(result.text)):

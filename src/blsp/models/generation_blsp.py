@@ -39,6 +39,11 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 SAMPLING_TOP_K = 50  # transformers' generate() default, applied when sampling
+# The loop guard: a span of 1-16 tokens repeated back to back, at least 3 times and over at least
+# 12 tokens (a one-token span 12 times, a two-token span 6 times, a four-token span 3 times).
+LOOP_MAX_SPAN = 16
+LOOP_MIN_REPEATS = 3
+LOOP_MIN_TOKENS = 12
 
 
 # --------------------------------------------------------------------------- settings
@@ -49,7 +54,9 @@ class GenerationParams:
     ``temperature == 0`` is greedy decoding (the paper's setting, the default); above 0 the answer is
     sampled at that temperature, with ``top_p`` and ``top_k`` (``0``: no top-k cut; the default is
     ``generate``'s). ``stop``: strings that end the answer (left out of it). ``seed``: a base seed for
-    sampling (None: unseeded); greedy decoding ignores it.
+    sampling (None: unseeded); greedy decoding ignores it. ``loop_guard``: end the answer when it
+    falls into a loop (a short span repeated back to back, :func:`loop_start`) and keep one copy of
+    the span, as a small LLM decoding greedily often does ("long long long ...").
     """
 
     max_new_tokens: int = 64
@@ -58,6 +65,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     top_k: int = SAMPLING_TOP_K
     seed: int | None = None
+    loop_guard: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -134,6 +142,8 @@ class GenerationParams:
             d.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.stop:
             d["stop"] = list(self.stop)
+        if self.loop_guard:
+            d["loop_guard"] = True
         return d
 
 
@@ -261,6 +271,34 @@ class StreamTextFilter:
         return delta
 
 
+# --------------------------------------------------------------------------- loops
+def loop_start(tokens: Sequence[int]) -> int | None:
+    """If ``tokens`` end in a loop, the length that keeps one copy of the repeated span, else None.
+
+    A loop is a span of 1 to ``LOOP_MAX_SPAN`` tokens repeated back to back at the end, at least
+    ``LOOP_MIN_REPEATS`` times and over at least ``LOOP_MIN_TOKENS`` tokens; the shortest span wins.
+    """
+    tokens = list(tokens)
+    n = len(tokens)
+    for span in range(1, LOOP_MAX_SPAN + 1):
+        repeats = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // span))
+        if repeats * span > n:  # grows with span: no longer span fits either
+            return None
+        last = tokens[n - span :]
+        if all(tokens[n - (k + 1) * span : n - k * span] == last for k in range(1, repeats)):
+            return n - (repeats - 1) * span
+    return None
+
+
+def first_loop(tokens: Sequence[int]) -> int | None:
+    """:func:`loop_start` at the first point where ``tokens`` fall into a loop (None: they never do)."""
+    tokens = list(tokens)
+    for end in range(LOOP_MIN_TOKENS, len(tokens) + 1):
+        if (keep := loop_start(tokens[:end])) is not None:
+            return keep
+    return None
+
+
 # --------------------------------------------------------------------------- per-row decisions
 def stop_tail(params: GenerationParams) -> int:
     """How many trailing tokens to decode when looking for ``params.stop`` strings."""
@@ -277,13 +315,15 @@ def row_finish_reason(
 ) -> str | None:
     """Why a row whose generated tokens are ``row`` ends now (``FINISH_*``), or None to go on.
 
-    In this order: its last token ends the turn or a stop string appeared, its token budget is
-    spent, its cancel event is set.
+    In this order: its last token ends the turn, a stop string appeared or (``loop_guard``) it fell
+    into a loop; its token budget is spent; its cancel event is set.
     """
     ended = bool(row) and row[-1] in stop_ids
     if not ended and params.stop:
         text = tokenizer.decode(list(row[-(tail or stop_tail(params)) :]), skip_special_tokens=True)
         ended = cut_at_stop(text, params.stop)[1]
+    if not ended and params.loop_guard:
+        ended = loop_start(row) is not None
     if ended:
         return FINISH_STOP
     if len(row) >= params.max_new_tokens:
@@ -301,12 +341,15 @@ def row_result(
     stop_ids: set[int] | frozenset[int],
     prompt_tokens: int,
 ) -> GenerationResult:
-    """A finished row's ``GenerationResult``: tokens cut at the first end-of-turn token, text at a stop string."""
+    """A finished row's ``GenerationResult``: tokens cut at the first end-of-turn token or (``loop_guard``)
+    after one copy of the span it first loops on, text at a stop string."""
     tokens = list(tokens)
     reason = reason or FINISH_LENGTH
     cut = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
     if cut is not None:
         tokens, reason = tokens[:cut], FINISH_STOP
+    if params.loop_guard and (keep := first_loop(tokens)) is not None:
+        tokens, reason = tokens[:keep], FINISH_STOP
     raw = tokenizer.decode(tokens, skip_special_tokens=True)
     text, hit = finalize_text(raw, params.stop)
     if hit:

@@ -687,11 +687,12 @@ class BlspModel(PreTrainedModel):
         *,
         params: generation_blsp.GenerationParams | None = None,
         stop: Sequence[str] = (),
+        loop_guard: bool = True,
     ) -> list[str] | list[list[int]]:
         """Batched generation for speech, text, or mixed conversations (left padded), greedy by default.
 
-        The settings are ``generate``'s (``do_sample``, then ``temperature`` and ``top_p``) or one
-        ``GenerationParams`` (``params``, which wins). Returns the answers' texts, or their token ids
+        The settings are ``generate``'s (``do_sample``, then ``temperature`` and ``top_p``; ``loop_guard``
+        ends an answer that falls into a loop) or one ``GenerationParams`` (``params``, which wins). Returns the answers' texts, or their token ids
         (``return_ids``) up to the end-of-turn token; ``blsp.models.generation_blsp.generate`` gives
         whole ``GenerationResult`` objects.
         """
@@ -702,6 +703,7 @@ class BlspModel(PreTrainedModel):
                 max_new_tokens=max_new_tokens,
                 top_p=top_p,
                 stop=tuple(stop),
+                loop_guard=loop_guard,
             )
         results = generation_blsp.generate(self, examples, params, streamer=streamer)
         if return_ids:
