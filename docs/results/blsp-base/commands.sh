@@ -79,7 +79,7 @@ blsp export $W/runs/blsp_default_2 $W/blsp-base      # its last checkpoint, fp16
 blsp eval -s blsp-base=blsp:$W/blsp-base -s whisper -s text \
   -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
   -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
-  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu
+  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu --no-loop-guard   # plain greedy (before session 7)
 #   (so_final.jsonl: 48 speechocean762 test clips of 42 speakers, none of them in eval.jsonl;
 #    the tts-* sets: `blsp eval sets build tts-asr-en tts-intent tts-sentiment --n 48`, held-out voices)
 python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval/results.json > $W/card_results.json
@@ -114,7 +114,7 @@ blsp export $W/runs/blsp_mix/checkpoints/step-00001000 $W/blsp-mix
 blsp eval -s blsp-base=blsp:$W/blsp-base -s blsp-mix=blsp:$W/blsp-mix -s whisper -s text \
   -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
   -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
-  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu
+  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval --device cpu --no-loop-guard
 
 # 6. Tried (docs/RECIPES.md, "diverse-instruction behaviors"): step 1 under a pool of general
 #    instructions (src/blsp/resources/behavior_instructions.txt; none is an evaluation task's), each
@@ -190,3 +190,13 @@ blsp train blsp_default \
   --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_choice --set data.encoder_cache=$W/encoder_cache \
   --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=2000 --set run.save_every=250 \
   --set model.init_from=docs/results/blsp-base/instr-stage/adapter
+#    stopped at step 1,600; its fp16 weights are docs/results/blsp-base/choice-stage/adapter.
+
+# 8. The measurement of the shipped card and of the choice stage (session 7), greedy decoding with the
+#    loop guard (the default since session 7; `--no-loop-guard` gives step 4's plain greedy numbers).
+#    Only so_test.jsonl, so_final.jsonl and the tts-* sets of step 1 are needed.
+blsp eval -s blsp-base=blsp:blsp-base -s blsp-choice=blsp:docs/results/blsp-base/choice-stage/adapter -s whisper -s text \
+  -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
+  -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
+  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval-guard --device cpu
+python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval-guard/results.json   # the card's table
