@@ -154,6 +154,25 @@ def test_a_system_that_cannot_load_is_recorded_not_fatal(tiny_model, toy_manifes
     assert res["results"]["Text+LLM"]["asr@toy"]["failed"] == 0
 
 
+def test_resuming_outputs_of_other_decoding_settings_is_refused(tiny_model, toy_manifest, tmp_path):
+    from blsp.errors import BlspError
+    from blsp.evaluation.testsets import load_testset
+
+    _, items = load_testset(str(toy_manifest))
+    task = make_task("asr", items[:2], testset="toy")
+    out = tmp_path / "out"
+    run_eval([TextSystem(tiny_model)], [task], out, max_new_tokens=4)
+    assert json.loads((out / "outputs" / "decoding.json").read_text()) == {
+        "max_new_tokens": 4,
+        "loop_guard": True,
+    }
+    run_eval([TextSystem(tiny_model)], [task], out, max_new_tokens=4)  # the same settings resume
+    with pytest.raises(BlspError, match=r"decoding.json: .*loop_guard=True there, False here"):
+        run_eval([TextSystem(tiny_model)], [task], out, max_new_tokens=4, loop_guard=False)
+    with pytest.raises(BlspError, match="max_new_tokens=4 there, 8 here"):
+        run_eval([TextSystem(tiny_model)], [task], out, max_new_tokens=8)
+
+
 def test_response_kl_matches_a_direct_computation(tiny_model):
     m = tiny_model
     a = make_conversation(CONTINUATION, transcript="the quick brown fox")

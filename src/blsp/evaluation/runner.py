@@ -10,6 +10,7 @@ Layout of ``out_dir``::
     results.md                        the same as Markdown tables
     outputs/<system>/<task>.jsonl     one row per utterance (resumable: done ids are skipped)
     outputs/<system>/transcripts@<testset>.jsonl   a cascade's ASR transcripts
+    outputs/decoding.json             the decoding settings of those outputs (a resume must match)
 
 The ``content`` task generates nothing: it scores the transcript teacher-forced after the clip's
 own speech and after another clip's (:func:`content_rows`), to tell whether the model uses the speech.
@@ -424,6 +425,36 @@ def evaluate_system_task(
 # Many systems on many tasks
 
 
+DECODING_FILE = "decoding.json"
+
+
+def check_decoding(outputs_dir: str | Path, decoding: dict[str, Any]) -> None:
+    """Refuse to resume outputs made with other decoding settings; record the settings of new ones.
+
+    A folder of outputs from before the record existed is resumed as it is, with a warning.
+    """
+    from blsp.errors import BlspError
+
+    outputs_dir = Path(outputs_dir)
+    path = outputs_dir / DECODING_FILE
+    if path.is_file():
+        import json
+
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"{k}={old[k]!r} there, {v!r} here" for k, v in decoding.items() if k in old and old[k] != v]
+        if diff:
+            raise BlspError(
+                f"{path}: these outputs were generated with other settings ({'; '.join(diff)}); "
+                "resume them with the same settings, or write to another --out"
+            )
+        return
+    if any(outputs_dir.glob("*/*.jsonl")):
+        log.warning("%s: outputs of unrecorded decoding settings; resuming them as they are", outputs_dir)
+        return
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, decoding)
+
+
 def run_eval(
     systems: Sequence[System],
     tasks: Sequence[Task],
@@ -448,6 +479,7 @@ def run_eval(
         from blsp.errors import BlspError
 
         raise BlspError(f"duplicate task keys: {keys}")
+    check_decoding(out_dir / "outputs", {"max_new_tokens": max_new_tokens, "loop_guard": loop_guard})
     langs = sorted({t.target_lang for t in tasks})
     results: dict[str, Any] = {
         "version": RESULTS_VERSION,
