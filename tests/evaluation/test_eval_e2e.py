@@ -49,9 +49,9 @@ def toy_manifest(tmp_path, speech_wav) -> Path:
 @pytest.fixture
 def ctc_dir(tiny_blsp_config, tmp_path) -> Path:
     """A tiny CTC baseline adapter folder (character CTC head on the adapter)."""
+    from blsp.models.ctc import configure_ctc
     from blsp.models.hub import load_llm
     from blsp.models.modeling_blsp import BlspModel
-    from blsp.training.ctc import configure_ctc
 
     cfg = copy.deepcopy(tiny_blsp_config)  # the fixture's config is shared with tiny_model
     _, tok = load_llm(cfg.llm)

@@ -85,8 +85,8 @@ def test_shuffled_speech_swaps_every_clip_and_keeps_targets():
 
 def test_embedding_ctc_warm_start_learns_reloads_and_transcribes(tiny_recipe, tmp_path):
     from blsp.models.adapter import EmbeddingCtcHead
+    from blsp.models.ctc import CtcTranscriber
     from blsp.models.modeling_blsp import BlspModel
-    from blsp.training.ctc import CtcTranscriber
     from blsp.training.trainer import make_optimizer
 
     task, examples = _task(tiny_recipe, train={"objective": "ctc", "lr": 2e-2}, ctc={"vocab": "embeddings"})

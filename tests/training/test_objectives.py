@@ -88,7 +88,7 @@ def test_kl_teacher_is_the_text_path_of_the_same_prompt(tiny_recipe):
 
 
 def test_ctc_learns_and_transcribes_after_reload(tiny_recipe, tmp_path):
-    from blsp.training.ctc import CtcTranscriber
+    from blsp.models.ctc import CtcTranscriber
 
     task, examples = _task(tiny_recipe, train={"objective": "ctc", "lr": 2e-2}, ctc={"upsample": 2})
     assert "ctc" in task.model.extra and task.model.extra["ctc"].weight.requires_grad
@@ -103,7 +103,7 @@ def test_ctc_learns_and_transcribes_after_reload(tiny_recipe, tmp_path):
 
 
 def test_ctc_vocabularies():
-    from blsp.training.ctc import CtcVocab, greedy_decode
+    from blsp.models.ctc import CtcVocab, greedy_decode
 
     v = CtcVocab("chars")
     ids = v.encode("Hello, World's 2!")

@@ -313,7 +313,7 @@ def ctc_transcriber(path: str | Path, device: str | None = None) -> Callable[[],
 
     def make() -> Transcriber:
         try:
-            from blsp.training.ctc import CtcTranscriber  # type: ignore[import-not-found]
+            from blsp.models.ctc import CtcTranscriber
         except ImportError as e:
             raise BlspError(f"the CTC baseline is not available in this install ({e})") from e
         return CtcTranscriber.from_pretrained(path, device=device)

@@ -5,7 +5,7 @@ doubled, shorten the encoder output 8 times and map it to the LLM's width; then 
 bottleneck (Linear -> GELU -> Linear, no biases, residual) and a LayerNorm.
 
 :class:`EmbeddingCtcHead` scores the adapter's outputs against the frozen LLM's token embeddings:
-the CTC head of the alignment warm start (``blsp.training.ctc``), saved with the adapter.
+the CTC head of the alignment warm start (``blsp.models.ctc``), saved with the adapter.
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ class BlspConfig(PretrainedConfig):
         instruction_separator: text between the instruction and the speech/transcript span.
         system_prompt: optional system message added to every conversation.
         encoder_dim, llm_dim: widths, filled in when the model is built and checked on load.
-        ctc_vocab_size: size of an optional CTC head on the adapter output (CTC baseline).
+        ctc_vocab_size: size of an optional CTC head on the adapter output (the CTC baseline and
+            the alignment warm start; ``blsp.models.ctc``), None for none.
+        ctc_vocab: its labels, ``tokenizer``, ``chars`` or ``embeddings`` (``ctc.VOCAB_KINDS``).
+        ctc_upsample: labels each adapter frame may emit.
+        ctc_normalize: whether transcripts are normalised before they are encoded as labels.
     """
 
     model_type = "blsp"
@@ -42,6 +46,9 @@ class BlspConfig(PretrainedConfig):
         encoder_dim: int | None = None,
         llm_dim: int | None = None,
         ctc_vocab_size: int | None = None,
+        ctc_vocab: str | None = None,
+        ctc_upsample: int = 1,
+        ctc_normalize: bool = True,
         **kwargs,
     ) -> None:
         self.encoder = encoder
@@ -56,4 +63,7 @@ class BlspConfig(PretrainedConfig):
         self.encoder_dim = encoder_dim
         self.llm_dim = llm_dim
         self.ctc_vocab_size = ctc_vocab_size
+        self.ctc_vocab = ctc_vocab
+        self.ctc_upsample = ctc_upsample
+        self.ctc_normalize = ctc_normalize
         super().__init__(**kwargs)

@@ -213,7 +213,7 @@ class BlspModel(PreTrainedModel):
 
     @staticmethod
     def _ctc_head(config: BlspConfig, llm: nn.Module) -> nn.Module:
-        if getattr(config, "ctc_vocab", None) == "embeddings":
+        if config.ctc_vocab == "embeddings":
             return EmbeddingCtcHead(llm.get_input_embeddings(), config.ctc_vocab_size)
         return nn.Linear(llm.get_input_embeddings().embedding_dim, config.ctc_vocab_size)
 

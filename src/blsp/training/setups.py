@@ -255,7 +255,7 @@ class CtcSetup(TrainingSetup):
 
     def prepare(self, examples: list[Example]) -> None:
         if self.cfg.ctc.vocab == "embeddings":
-            from blsp.training.ctc import normalize_transcript
+            from blsp.models.ctc import normalize_transcript
 
             norm = normalize_transcript if self.cfg.ctc.normalize else str
             texts = {norm(e.transcript if e.transcript is not None else e.response) for e in examples}
@@ -266,7 +266,8 @@ class CtcSetup(TrainingSetup):
 
     def _build(self, token_ids: list[int] | None) -> None:
         from blsp.models.adapter import EmbeddingCtcHead
-        from blsp.training.ctc import CtcCollator, CtcLoss, configure_ctc
+        from blsp.models.ctc import configure_ctc
+        from blsp.training.ctc import CtcCollator, CtcLoss
 
         cfg, model = self.cfg, self.model
         try:
