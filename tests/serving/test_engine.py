@@ -15,7 +15,8 @@ from blsp.inference.generate import GenerationParams, generate_prepared, prepare
 from blsp.inference.pipeline import SpeechPipeline
 from blsp.serving.engine import BatchEngine
 from blsp.serving.messages import parse_messages
-from blsp.serving.openai_api import ApiError, ServerSettings, generation_params
+from blsp.serving.openai_api import ApiError, generation_params
+from blsp.serving.settings import ServerSettings
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:

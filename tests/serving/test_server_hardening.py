@@ -21,7 +21,8 @@ import soundfile as sf
 
 from blsp.errors import BlspError
 from blsp.serving.messages import parse_messages
-from blsp.serving.openai_api import ApiError, ServerSettings
+from blsp.serving.openai_api import ApiError
+from blsp.serving.settings import ServerSettings
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

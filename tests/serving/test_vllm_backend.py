@@ -117,8 +117,8 @@ def test_server_answers_through_vllm(tiny_model, fake_vllm):
 
     from blsp.inference.pipeline import SpeechPipeline
     from blsp.inference.vllm_engine import engine_kwargs, vllm_engine_factory
-    from blsp.serving.openai_api import ServerSettings
     from blsp.serving.server import create_app
+    from blsp.serving.settings import ServerSettings
 
     pipe = SpeechPipeline(tiny_model)
     settings = ServerSettings(model_name="tiny", allowed_hosts=("testserver",))

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from blsp.behaviors.backends import behavior_params
+from blsp.behaviors.job import BehaveOptions
 from blsp.models.hub import DEFAULT_LLM
 
 DESCRIPTION = """\
@@ -44,15 +46,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("behavior")
     g.add_argument(
         "--behavior",
-        default="continuation",
+        default=BehaveOptions.behavior,
         help="continuation (paper Table 1, default), repetition (response = transcript, no generation) "
         "or a free instruction sentence in quotes",
     )
     g.add_argument("--name", help="label written as `behavior` for a free instruction (default: custom)")
     g.add_argument(
-        "--text-field", default="text", help="manifest field holding the transcript (default: text)"
+        "--text-field",
+        default=BehaveOptions.text_field,
+        help="manifest field holding the transcript (default: %(default)s)",
     )
-    g.add_argument("--max-prompt-tokens", type=int, default=192, help="skip longer prompts (default: 192)")
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=BehaveOptions.max_prompt_tokens,
+        help="skip longer prompts (default: %(default)s)",
+    )
     g.add_argument(
         "--echo",
         choices=("drop", "flag"),
@@ -69,11 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--prompt-template", choices=("auto", "chat", "paper"), help="prompt template (default: auto)"
     )
-    m.add_argument("--backend", choices=("transformers", "vllm", "http"), default="transformers")
+    m.add_argument("--backend", choices=("transformers", "vllm", "http"), default=BehaveOptions.backend)
     m.add_argument(
         "--batching",
         choices=("shrink", "static"),
-        default="shrink",
+        default=BehaveOptions.batching,
         help="transformers backend: shrink (default: finished responses leave the batch and its KV cache "
         "at once) or static (one model.generate per batch; all rows run until the longest ends)",
     )
@@ -81,11 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, help="prompts per batch (default: 32 transformers, 512 vllm, 64 http)"
     )
     m.add_argument(
-        "--device", default="auto", help="transformers device (default: cuda:$LOCAL_RANK if any, else cpu)"
+        "--device",
+        default=BehaveOptions.device,
+        help="transformers device (default: cuda:$LOCAL_RANK if any, else cpu)",
     )
-    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    m.add_argument("--dtype", default=BehaveOptions.dtype, choices=("auto", "float32", "bfloat16", "float16"))
     d = p.add_argument_group("decoding (greedy by default)")
-    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--max-new-tokens", type=int, default=behavior_params().max_new_tokens)
     d.add_argument(
         "--temperature",
         type=float,
@@ -95,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--do-sample", action="store_true", help="sample: at --temperature, or 1.0 when it is not given"
     )
-    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--top-p", type=float, default=behavior_params().top_p)
     d.add_argument("--seed", type=int, help="sampling seed (each batch derives its own from it)")
     s = p.add_argument_group("sharding")
     s.add_argument(
@@ -107,16 +118,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--served-model", help="model name sent to the server (default: --model)")
     h.add_argument("--tokenizer", help="LLM reference for the local tokenizer/prompt (default: --model)")
     h.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
-    h.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
-    h.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
-    h.add_argument("--retries", type=int, default=4, help="retries after an error or timeout (default: 4)")
     h.add_argument(
-        "--backoff", type=float, default=1.0, help="first retry delay, doubled each retry (default: 1 s)"
+        "--concurrency",
+        type=int,
+        default=BehaveOptions.concurrency,
+        help="requests in flight (default: %(default)s)",
+    )
+    h.add_argument(
+        "--timeout",
+        type=float,
+        default=BehaveOptions.timeout,
+        help="seconds per request (default: %(default)s)",
+    )
+    h.add_argument(
+        "--retries",
+        type=int,
+        default=BehaveOptions.retries,
+        help="retries after an error or timeout (default: %(default)s)",
+    )
+    h.add_argument(
+        "--backoff",
+        type=float,
+        default=BehaveOptions.backoff,
+        help="first retry delay in seconds, doubled each retry (default: %(default)s)",
     )
     h.add_argument(
         "--prompt-format",
         choices=("ids", "text"),
-        default="ids",
+        default=BehaveOptions.prompt_format,
         help="send the prompt as token ids (exact, default) or as the rendered text",
     )
     h.add_argument(
@@ -134,7 +163,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("-o", "--output", required=True, help="the merged output file")
     m.add_argument("--manifest", help="the manifest, to report ids that are missing")
     m.add_argument(
-        "--text-field", default="text", help="manifest field holding the transcript (default: text)"
+        "--text-field",
+        default=BehaveOptions.text_field,
+        help="manifest field holding the transcript (default: %(default)s)",
     )
     m.set_defaults(func=_merge)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from blsp.data.check import DEFAULT_LIMITS
+
 # the same tuples as blsp.data.importers.FORMATS and blsp.data.normalize.NORMALIZERS (kept here so that
 # `blsp --help` does not import numpy; a test checks they agree)
 FORMATS = ("librispeech", "commonvoice", "gigaspeech", "kaldi", "manifest", "hf", "tsv", "csv")
@@ -66,12 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pc.add_argument("manifest")
     pc.add_argument("--clean", metavar="OUT.jsonl", help="write the good lines here")
-    pc.add_argument("--min-seconds", type=float, default=0.1, help="shorter is too_short (default 0.1)")
+    pc.add_argument(
+        "--min-seconds",
+        type=float,
+        default=DEFAULT_LIMITS.min_seconds,
+        help="shorter is too_short (default %(default)s)",
+    )
     pc.add_argument(
         "--max-seconds",
         type=float,
-        default=30.0,
-        help="longer is too_long (default 30; BLSP-Emo kept 1-30 s); 0 = no limit",
+        default=DEFAULT_LIMITS.max_seconds,
+        help="longer is too_long (default %(default)s; BLSP-Emo kept 1-30 s); 0 = no limit",
     )
     pc.add_argument("--json", metavar="REPORT.json", help="also write the full report as JSON")
     pc.add_argument("--workers", type=int, default=2, help="reader threads")

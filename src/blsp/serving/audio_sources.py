@@ -26,7 +26,8 @@ from blsp.data.audio import (
 )
 from blsp.errors import AudioError
 from blsp.inference.audio_input import base64_audio_bytes, read_audio_file
-from blsp.serving.openai_api import ApiError, ServerSettings, budget_error, short_repr
+from blsp.serving.openai_api import ApiError, budget_error, short_repr
+from blsp.serving.settings import ServerSettings
 
 
 @dataclass

@@ -7,13 +7,19 @@ import os
 from pathlib import Path
 
 from blsp.inference.cli import add_model_args, pipeline_from_args
+from blsp.serving.settings import ServerSettings
 
 
 def _common(p: argparse.ArgumentParser, port: int) -> None:
     add_model_args(p)  # adapter, --device, --dtype, --quantization: as chat and generate
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=port)
-    p.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted")
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=ServerSettings.max_audio_seconds,
+        help="longest clip accepted",
+    )
     p.add_argument(
         "--api-key",
         default=None,
@@ -35,10 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model-name", default=None, help="model id clients use (default: the adapter folder name)"
     )
     s.add_argument(
-        "--max-batch-size", type=int, default=8, help="requests per batched generate (1 = no batching)"
+        "--max-batch-size",
+        type=int,
+        default=ServerSettings.max_batch_size,
+        help="requests per batched generate (1 = no batching)",
     )
     s.add_argument(
-        "--batch-wait-ms", type=float, default=10.0, help="how long a request waits for batch company"
+        "--batch-wait-ms",
+        type=float,
+        default=ServerSettings.batch_wait_ms,
+        help="how long a request waits for batch company",
     )
     s.add_argument(
         "--batching",
@@ -46,30 +58,62 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["continuous", "static"],
         help="continuous: requests join a running batch at its next step; static: a batch runs to its end",
     )
-    s.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body")
     s.add_argument(
-        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for"
+        "--max-body-mb", type=float, default=ServerSettings.max_body_mb, help="largest request body"
     )
-    s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
-    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503")
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=ServerSettings.max_tokens_limit,
+        help="largest max_tokens a request may ask for",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=ServerSettings.default_max_tokens,
+        help="max_tokens when a request gives none",
+    )
+    s.add_argument(
+        "--max-queue", type=int, default=ServerSettings.max_queue, help="waiting requests beyond this get 503"
+    )
     b = s.add_argument_group(
         "per-request budgets (checked before any audio is decoded; see docs/SECURITY.md)"
     )
-    b.add_argument("--max-messages", type=int, default=64, help="messages per chat request")
-    b.add_argument("--max-audio-parts", type=int, default=8, help="audio parts per request")
     b.add_argument(
-        "--max-total-audio-seconds", type=float, default=300.0, help="audio seconds per request, all clips"
+        "--max-messages", type=int, default=ServerSettings.max_messages, help="messages per chat request"
     )
-    b.add_argument("--max-text-chars", type=int, default=100_000, help="text characters per request")
+    b.add_argument(
+        "--max-audio-parts", type=int, default=ServerSettings.max_audio_parts, help="audio parts per request"
+    )
+    b.add_argument(
+        "--max-total-audio-seconds",
+        type=float,
+        default=ServerSettings.max_total_audio_seconds,
+        help="audio seconds per request, all clips",
+    )
+    b.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=ServerSettings.max_text_chars,
+        help="text characters per request",
+    )
     b.add_argument(
         "--max-audio-samples",
         type=int,
-        default=16_000_000,
+        default=ServerSettings.max_audio_samples,
         help="channels x frames one clip may decode to, read from its header (16M = 64 MB of float32)",
     )
-    b.add_argument("--decode-workers", type=int, default=2, help="threads that fetch and decode audio")
     b.add_argument(
-        "--request-timeout-s", type=float, default=300.0, help="deadline of a request, queueing included"
+        "--decode-workers",
+        type=int,
+        default=ServerSettings.decode_workers,
+        help="threads that fetch and decode audio",
+    )
+    b.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=ServerSettings.request_timeout_s,
+        help="deadline of a request, queueing included",
     )
     a = s.add_argument_group("access (see docs/SECURITY.md)")
     a.add_argument(
@@ -107,12 +151,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--url-timeout-s",
         type=float,
-        default=10.0,
+        default=ServerSettings.url_timeout_s,
         help="total time to fetch one audio URL (DNS to last byte)",
     )
     s.add_argument(
         "--translation-language",
-        default="English",
+        default=ServerSettings.translation_language,
         help="target language of /v1/audio/translations (English, as OpenAI's; a request may ask for "
         "another with the form field target_language)",
     )
@@ -146,7 +190,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from blsp.errors import BlspError
     from blsp.models.hub import resolve_adapter
-    from blsp.serving.openai_api import ServerSettings
     from blsp.serving.server import serve
 
     if args.backend == "vllm":

@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi.responses import PlainTextResponse
 
-from blsp.serving.openai_api import AudioForm, ServerSettings
+from blsp.serving.openai_api import AudioForm
+from blsp.serving.settings import ServerSettings
 
 
 def new_id(prefix: str = "chatcmpl") -> str:
