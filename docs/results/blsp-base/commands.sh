@@ -200,3 +200,14 @@ blsp eval -s blsp-base=blsp:blsp-base -s blsp-choice=blsp:docs/results/blsp-base
   -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
   --limit 48 --testsets $W/testsets --out docs/results/blsp-base/eval-guard --device cpu
 python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval-guard/results.json   # the card's table
+
+# 9. Tried (session 7, docs/RECIPES.md "Label-choice behaviors"): the choice data of step 7 alone with
+#    repetition, 1 : 1, from the shipped weights (step 1's train.jsonl, eval.jsonl and uniq_cKK / beh_cKK
+#    files rebuilt as in steps 1 and 7; choice_join.py then finds no free answers). 800 steps, 0.47 h.
+blsp train blsp_default \
+  --set "data.train=[{path: $W/choice_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 1}]" \
+  --set data.eval.0.path=$W/eval.jsonl --set run.output_dir=$W/runs/blsp_choice_only --set data.encoder_cache=$W/encoder_cache \
+  --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=800 --set run.save_every=200 --set run.eval_every=200 \
+  --set model.init_from=src/blsp/resources/pretrained/blsp-base
+blsp export $W/runs/blsp_choice_only $W/blsp-choice-only
+#    then step 8's `blsp eval` with -s blsp-choice-only=blsp:$W/blsp-choice-only (results: docs/results/blsp-base/choice-only)
