@@ -171,3 +171,16 @@ def test_no_private_name_is_imported_across_modules():
             f"{where}: {imp} imports {name} from {src}" for (imp, src, name), where in sorted(found.items())
         )
     )
+
+
+def test_cli_help_does_not_import_torch():
+    """`blsp --help` builds every subcommand's parser; none of them may pull in torch (3 s on a laptop)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom blsp.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]

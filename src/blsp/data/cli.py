@@ -6,11 +6,8 @@ import argparse
 import sys
 
 from blsp.data.check import DEFAULT_LIMITS
-
-# the same tuples as blsp.data.importers.FORMATS and blsp.data.normalize.NORMALIZERS (kept here so that
-# `blsp --help` does not import numpy; a test checks they agree)
-FORMATS = ("librispeech", "commonvoice", "gigaspeech", "kaldi", "manifest", "hf", "tsv", "csv")
-NORMALIZERS = ("none", "lower", "whisper", "whisper-basic")
+from blsp.data.importers import FORMATS
+from blsp.data.normalize import NORMALIZERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

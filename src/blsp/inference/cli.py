@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--audio-key", default="audio", help="manifest field holding the audio path")
     _gen_args(g, 128)
-    from blsp.inference.vllm_engine import add_backend_args
-
     add_backend_args(g)
     g.set_defaults(func=_generate)
 
@@ -137,7 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     generate = None
     if args.backend == "vllm":  # blsp embeds each batch; vLLM decodes it
-        from blsp.inference.vllm_engine import VllmGenerator, backend_kwargs
+        from blsp.inference.vllm_engine import VllmGenerator
 
         generate = VllmGenerator(pipe.model, backend_kwargs(args, pipe.model)).generate_prepared
     stats = run_generate_job(
@@ -170,3 +169,42 @@ def _chat(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     session = ChatSession(pipe, system=args.system, max_context=args.max_context, use_cache=not args.no_cache)
     return run_terminal_chat(session, stream=not args.no_stream, mic_seconds=args.mic_seconds, stop=args.stop)
+
+
+# --backend vllm (blsp generate, blsp serve): flags only here, so that --help does not import torch
+BACKENDS = ("transformers", "vllm")
+
+
+def add_backend_args(p: Any) -> None:
+    """``--backend`` and the vLLM options of ``blsp generate`` and ``blsp serve``."""
+    p.add_argument(
+        "--backend",
+        default="transformers",
+        choices=BACKENDS,
+        help="what decodes: transformers (blsp's own loop) or vllm (blsp embeds, vLLM runs the LLM; "
+        "pip install vllm, CUDA GPU)",
+    )
+    g = p.add_argument_group("--backend vllm")
+    g.add_argument(
+        "--vllm-llm", default=None, help="LLM folder or hub id vLLM loads (default: the adapter's LLM)"
+    )
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.6, help="vLLM's share of the GPU memory")
+    g.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's context length")
+    g.add_argument("--vllm-tensor-parallel", type=int, default=1, help="GPUs vLLM shards the LLM over")
+    g.add_argument("--vllm-seed", type=int, default=0, help="seed of vLLM's sampling")
+
+
+def backend_kwargs(args: Any, model: Any) -> dict[str, Any]:
+    """``vllm_engine.engine_kwargs`` from the options of :func:`add_backend_args`."""
+    from blsp.inference.vllm_engine import engine_kwargs
+    from blsp.models.hub import resolve_adapter
+
+    return engine_kwargs(
+        model,
+        adapter_dir=resolve_adapter(args.adapter),
+        llm=args.vllm_llm,
+        seed=args.vllm_seed,
+        gpu_memory_utilization=args.vllm_gpu_memory,
+        max_model_len=args.vllm_max_model_len,
+        tensor_parallel_size=args.vllm_tensor_parallel,
+    )

@@ -48,8 +48,6 @@ from blsp.utils.torch import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("transformers", "vllm")
-
 
 def import_vllm() -> Any:
     """The ``vllm`` package, or a clear error when it is not installed."""
@@ -395,35 +393,3 @@ def vllm_engine_factory(vllm_kwargs: dict[str, Any]) -> Any:
 
 
 # --------------------------------------------------------------------------- command line
-def add_backend_args(p: Any) -> None:
-    """``--backend`` and the vLLM options of ``blsp generate`` and ``blsp serve``."""
-    p.add_argument(
-        "--backend",
-        default="transformers",
-        choices=BACKENDS,
-        help="what decodes: transformers (blsp's own loop) or vllm (blsp embeds, vLLM runs the LLM; "
-        "pip install vllm, CUDA GPU)",
-    )
-    g = p.add_argument_group("--backend vllm")
-    g.add_argument(
-        "--vllm-llm", default=None, help="LLM folder or hub id vLLM loads (default: the adapter's LLM)"
-    )
-    g.add_argument("--vllm-gpu-memory", type=float, default=0.6, help="vLLM's share of the GPU memory")
-    g.add_argument("--vllm-max-model-len", type=int, default=None, help="vLLM's context length")
-    g.add_argument("--vllm-tensor-parallel", type=int, default=1, help="GPUs vLLM shards the LLM over")
-    g.add_argument("--vllm-seed", type=int, default=0, help="seed of vLLM's sampling")
-
-
-def backend_kwargs(args: Any, model: Any) -> dict[str, Any]:
-    """:func:`engine_kwargs` from the options of :func:`add_backend_args`."""
-    from blsp.models.hub import resolve_adapter
-
-    return engine_kwargs(
-        model,
-        adapter_dir=resolve_adapter(args.adapter),
-        llm=args.vllm_llm,
-        seed=args.vllm_seed,
-        gpu_memory_utilization=args.vllm_gpu_memory,
-        max_model_len=args.vllm_max_model_len,
-        tensor_parallel_size=args.vllm_tensor_parallel,
-    )

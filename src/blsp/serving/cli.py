@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from blsp.inference.cli import add_model_args, pipeline_from_args
+from blsp.inference.cli import add_backend_args, add_model_args, backend_kwargs, pipeline_from_args
 from blsp.serving.settings import ServerSettings
 
 
@@ -167,8 +167,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gives no 'language' field (default: none named)",
     )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from blsp.inference.vllm_engine import add_backend_args
-
     add_backend_args(s)  # --backend vllm: blsp embeds, vLLM decodes (docs/SCALING.md)
     s.set_defaults(func=_serve)
 
@@ -258,7 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
     pipe.limits = settings.audio_limits
     factory = None
     if args.backend == "vllm":
-        from blsp.inference.vllm_engine import backend_kwargs, vllm_engine_factory
+        from blsp.inference.vllm_engine import vllm_engine_factory
 
         factory = vllm_engine_factory(backend_kwargs(args, pipe.model))
     serve(
