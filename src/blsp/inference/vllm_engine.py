@@ -390,6 +390,3 @@ def vllm_engine_factory(vllm_kwargs: dict[str, Any]) -> Any:
         return cls(pipeline, vllm_kwargs, **kwargs)
 
     return make_engine
-
-
-# --------------------------------------------------------------------------- command line

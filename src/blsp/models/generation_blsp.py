@@ -272,19 +272,19 @@ class StreamTextFilter:
 
 
 # --------------------------------------------------------------------------- loops
-def loop_start(tokens: Sequence[int]) -> int | None:
-    """If ``tokens`` end in a loop, the length that keeps one copy of the repeated span, else None.
+def loop_start(tokens: Sequence[int], end: int | None = None) -> int | None:
+    """If ``tokens[:end]`` ends in a loop, the length that keeps one copy of the repeated span, else None.
 
     A loop is a span of 1 to ``LOOP_MAX_SPAN`` tokens repeated back to back at the end, at least
     ``LOOP_MIN_REPEATS`` times and over at least ``LOOP_MIN_TOKENS`` tokens; the shortest span wins.
+    Called on every decoding step of a guarded row, so it compares slices of ``tokens`` in place.
     """
-    tokens = list(tokens)
-    n = len(tokens)
+    n = len(tokens) if end is None else end
     for span in range(1, LOOP_MAX_SPAN + 1):
         repeats = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // span))
         if repeats * span > n:  # grows with span: no longer span fits either
             return None
-        last = tokens[n - span :]
+        last = tokens[n - span : n]
         if all(tokens[n - (k + 1) * span : n - k * span] == last for k in range(1, repeats)):
             return n - (repeats - 1) * span
     return None
@@ -292,9 +292,8 @@ def loop_start(tokens: Sequence[int]) -> int | None:
 
 def first_loop(tokens: Sequence[int]) -> int | None:
     """:func:`loop_start` at the first point where ``tokens`` fall into a loop (None: they never do)."""
-    tokens = list(tokens)
     for end in range(LOOP_MIN_TOKENS, len(tokens) + 1):
-        if (keep := loop_start(tokens[:end])) is not None:
+        if (keep := loop_start(tokens, end)) is not None:
             return keep
     return None
 
