@@ -1,7 +1,8 @@
 """Greedy answers of the shipped adapter, pinned: every generation entry point gives these exact texts.
 
 The literals were produced by the code before generation was moved into one core
-(``blsp.models.generation_blsp``); a refactor of that core must leave them unchanged. fp32 on the
+(``blsp.models.generation_blsp``); a refactor of that core must leave them unchanged (re-pinned, by the same functions, when the shipped
+weights changed in session 8). fp32 on the
 CPU, 24 new tokens, three held-out speechocean762 clips (skipped where ``../shared/data`` is absent).
 Entry points: ``BlspModel.generate`` (a mixed speech/text batch), ``SpeechPipeline`` (batched,
 streamed, a stop string), ``ChatSession`` (a speech turn, then a text turn on the kept KV cache) and
@@ -28,18 +29,18 @@ TRANSCRIPTS = [
 ]
 
 MODEL_GENERATE = [
-    "mark is going to see einstein",
+    "mike is going to see elephant",
     "gait loves buckle",
     "two six four eight",
     "The quick brown fox jumps over the lazy dog.",
 ]
 PIPELINE_BATCH = [
-    ("mark is going to see einstein", "stop", 7, 58),
-    ("gait leaves learnn'", "stop", 6, 68),
+    ("mike is going to see elephant", "stop", 7, 58),
+    ("gig loves kindness", "stop", 4, 68),
     ("two six four eight", "stop", 4, 55),
 ]
-PIPELINE_STREAM = ["g", "ait", " leaves", " learn", "n", "'"]
-PIPELINE_STOP = (" learn", [("gait leaves", "stop"), ("mark is going", "length", 3)])
+PIPELINE_STREAM = ["g", "ig", " loves", " kindness"]
+PIPELINE_STOP = (" loves", [("gig", "stop"), ("mike is", "length", 3)])
 CHAT = [("two six four eight", "stop"), ("two six four eight", "stop")]
 _BEHAVE = [
     ("The quick brown fox jumps over the lazy dog.", "stop", 10),

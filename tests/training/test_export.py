@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from blsp.errors import BlspError
 from blsp.models.modeling_blsp import BlspModel
 
 
@@ -58,6 +59,25 @@ def test_export_writes_an_fp16_adapter_and_a_model_card_from_the_run(tiny_recipe
     assert json.loads((ckpt / "training_state.json").read_text())["step"] == 2
     early = (ckpt / "README.md").read_text()
     assert "| 2 |" in early and "| 4 |" not in early  # its card stops at its own step
+    # a weight average of the final weights and the step-2 checkpoint, said so on the card
+    soup = export_adapter(
+        tmp_path / "run", tmp_path / "soup", dtype=torch.float32, average_with=ckpt, average_weight=0.25
+    )
+    a = load_file(str(tmp_path / "run" / "final" / "adapter.safetensors"))
+    b = load_file(str(ckpt / "adapter.safetensors"))
+    mixed = load_file(str(soup / "adapter.safetensors"))
+    assert mixed.keys() == b.keys()
+    for k, v in mixed.items():
+        torch.testing.assert_close(v, 0.75 * a[k].float() + 0.25 * b[k].float(), rtol=1e-3, atol=1e-3)
+    assert "## Weight average" in (soup / "README.md").read_text()
+    assert BlspModel.from_pretrained(soup, device="cpu") is not None
+    with pytest.raises(BlspError, match=r"average weight must be in \[0, 1\]"):
+        export_adapter(tmp_path / "run", tmp_path / "bad", average_with=ckpt, average_weight=1.5)
+    wrong = {k: torch.zeros(3) for k in b}
+    (tmp_path / "other").mkdir()
+    save_file(wrong, str(tmp_path / "other" / "adapter.safetensors"))
+    with pytest.raises(BlspError, match="cannot average"):
+        export_adapter(tmp_path / "run", tmp_path / "bad", average_with=tmp_path / "other")
 
 
 def test_learning_curve_adds_up_runs_and_plots_the_gap(tiny_recipe, tiny_manifests, tmp_path):

@@ -4,7 +4,9 @@ Each of the issue's bars for the shipped adapter is a row with its measured valu
 evaluation gives one, its 95 % bootstrap interval over items; the values are the evaluation's own
 numbers, nothing is typed in by hand.
 
-    python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval/results.json
+    python docs/results/blsp-base/card_results.py docs/results/blsp-base/eval/results.json [SYSTEM]
+
+SYSTEM is the evaluated system that ships as blsp-base (default: blsp-base itself).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ def ci(res: dict, key: str) -> str:
     return f"{res[key]:.1f} [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else f"{res[key]:.1f}"
 
 
-def main(path: str) -> None:
+def main(path: str, system: str = "blsp-base") -> None:
     with open(path, encoding="utf-8") as f:
         r = json.load(f)["results"]
-    b, text, casc = r["blsp-base"], r["Text+LLM"], r["Whisper+LLM"]
+    b, text, casc = r[system], r["Text+LLM"], r["Whisper+LLM"]
     out: dict[str, object] = {}
     for key in [k for k in b if k.startswith("asr@")]:
         out[f"{key} WER through the LLM, blsp-base (%)"] = ci(b[key], "wer")
@@ -49,4 +51,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -211,3 +211,27 @@ blsp train blsp_default \
   --set model.init_from=src/blsp/resources/pretrained/blsp-base
 blsp export $W/runs/blsp_choice_only $W/blsp-choice-only
 #    then step 8's `blsp eval` with -s blsp-choice-only=blsp:$W/blsp-choice-only (results: docs/results/blsp-base/choice-only)
+
+# 10. Session 8 (docs/RECIPES.md "Content-dependent choices"): word-choice behaviors. Step 1 on a fresh
+#     train.jsonl (step 1's, without synth2) as in step 7, and word_choice.py: each of 2,000 transcripts
+#     gets four listed words (one of its own), the LLM answers on the transcript, kept when right
+#     (655 texts, 862 clips). Then choice : word choice : repetition = 1 : 1 : 2 from the shipped
+#     weights, 800 steps; pinned to one core beside the KL run below (0.63 h).
+W=$W python docs/results/blsp-base/word_choice.py 2000
+COMMON=(--set data.eval.0.path=$W/eval.jsonl --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=800
+  --set run.save_every=200 --set run.eval_every=200 --set model.init_from=src/blsp/resources/pretrained/blsp-base)
+blsp train blsp_default \
+  --set "data.train=[{path: $W/choice_clips.jsonl, task: behavior, weight: 1}, {path: $W/word_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 2}]" \
+  --set run.output_dir=$W/runs/word_choice --set data.encoder_cache=$W/cache_b "${COMMON[@]}"
+#     Tried beside it, on the other core: the KL objective (ce+kl, T = 2) on choice : repetition = 1 : 1.
+blsp train blsp_default \
+  --set "data.train=[{path: $W/choice_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 1}]" \
+  --set train.objective=ce+kl --set run.output_dir=$W/runs/kl_choice --set data.encoder_cache=$W/cache_a "${COMMON[@]}"
+#     The weight average with the shipped adapter, its weight chosen on a dev split (the package's intent,
+#     sentiment and held-out sentences that the 48-item test sets do not use, same voices):
+#     blsp eval sets build tts-intent tts-sentiment tts-asr-en --testsets $W/allsets --n 1000, minus the test items.
+blsp export $W/runs/word_choice $W/blsp-word-soup --average-with src/blsp/resources/pretrained/blsp-base --average-weight 0.25
+blsp eval -s blsp-base=blsp:blsp-base -s blsp-word-soup=blsp:$W/blsp-word-soup -s blsp-word=blsp:$W/runs/word_choice/final -s whisper -s text \
+  -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
+  -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
+  --limit 48 --testsets $W/testsets --out docs/results/blsp-base/word-choice --device cpu

@@ -71,6 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--results", help="JSON object of measured results for the model card")
     e.add_argument("--command", default="", help="the command that continues (or repeats) the run")
     e.add_argument("--notes", help="Markdown file added to the model card (data, licences, limitations)")
+    e.add_argument(
+        "--average-with",
+        metavar="FOLDER",
+        help="export the weight average of source and this run, checkpoint or adapter folder",
+    )
+    e.add_argument(
+        "--average-weight",
+        type=float,
+        default=0.5,
+        help="the weight of --average-with in the average (default 0.5)",
+    )
     e.set_defaults(func=_export)
 
 
@@ -149,6 +160,8 @@ def _export(args: argparse.Namespace) -> int:
         results=results,
         command=args.command,
         notes=notes,
+        average_with=args.average_with,
+        average_weight=args.average_weight,
     )
     print(out)
     return 0

@@ -45,6 +45,31 @@ def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
     return _weights_folder(last)
 
 
+def _average(state: dict[str, torch.Tensor], where: Path, other: Path, t: float) -> dict[str, torch.Tensor]:
+    """``(1 - t) * state + t * other``'s adapter tensors; a BlspError unless the shapes agree."""
+    from safetensors.torch import load_file
+
+    from blsp.models.hub import ADAPTER_WEIGHTS
+
+    if not 0.0 <= t <= 1.0:
+        raise BlspError(f"average weight must be in [0, 1], not {t}")
+    folder = other if (other / ADAPTER_WEIGHTS).is_file() else _weights_folder(other)[0]
+    try:
+        theirs = {
+            k: v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items() if k.startswith("adapter.")
+        }
+    except (OSError, ValueError) as e:
+        raise BlspError(f"{folder / ADAPTER_WEIGHTS}: cannot read the adapter to average with ({e})") from e
+    if theirs.keys() != state.keys():
+        raise BlspError(f"{folder} and {where}: adapters with different tensors, cannot average them")
+    for k, v in state.items():
+        if theirs[k].shape != v.shape:
+            raise BlspError(
+                f"{folder} and {where}: {k} is {tuple(theirs[k].shape)} against {tuple(v.shape)}, cannot average"
+            )
+    return {k: (1 - t) * v.float() + t * theirs[k].float() for k, v in state.items()}
+
+
 def _log_rows(run: Path) -> list[dict[str, Any]]:
     log = run / "log.jsonl"
     if not log.is_file():
@@ -140,8 +165,14 @@ def export_adapter(
     results: dict[str, Any] | None = None,
     command: str = "",
     notes: str = "",
+    average_with: str | Path | None = None,
+    average_weight: float = 0.5,
 ) -> Path:
-    """Write ``out`` (config.json, adapter.safetensors, README.md, training_state.json) from a run."""
+    """Write ``out`` (config.json, adapter.safetensors, README.md, training_state.json) from a run.
+
+    ``average_with`` (a run, checkpoint or adapter folder of the same shapes) exports the weight
+    average ``(1 - average_weight) * source + average_weight * other`` instead: a "model soup" of
+    two stages trained from the same start, said so on the card."""
     from safetensors.torch import load_file
 
     from blsp.models.hub import ADAPTER_WEIGHTS
@@ -155,7 +186,15 @@ def export_adapter(
         state = load_file(str(weights / ADAPTER_WEIGHTS))
     except (OSError, ValueError) as e:
         raise BlspError(f"{weights}: cannot read the adapter to export ({e})") from e
-    state = {k: v.to(dtype).contiguous() for k, v in state.items() if k.startswith("adapter.")}
+    state = {k: v for k, v in state.items() if k.startswith("adapter.")}
+    if average_with is not None:
+        state = _average(state, weights, Path(average_with), average_weight)
+        notes = (
+            f"## Weight average\n\nThese weights are (1 - {average_weight:g}) x `{source}` + "
+            f"{average_weight:g} x `{average_with}`, averaged tensor by tensor in fp32; the training "
+            f"log and recipe below are those of the first.\n\n{notes}"
+        )
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     for key in [k for k in config if k.startswith("ctc_")]:  # the CTC head is not exported
         config[key] = None
     write_adapter_folder(out, state, config)
