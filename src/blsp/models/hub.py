@@ -561,7 +561,7 @@ def load_llm(
 
 DEFAULT_ADAPTER = "blsp-base"
 PRETRAINED_ADAPTERS: dict[str, str] = {
-    "blsp-base": "whisper-base + SmolLM2-135M-Instruct, CTC warm start + repetition (see its README.md)",
+    "blsp-base": "whisper-base + SmolLM2-135M-Instruct, CTC warm start, repetition, then label- and word-choice behaviors (see its README.md)",
 }
 REINSTALL_HINT = (
     "reinstall blsp to get it back (`pip install --force-reinstall --no-deps blsp`, "
