@@ -45,21 +45,27 @@ def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
     return _weights_folder(last)
 
 
-def _average(state: dict[str, torch.Tensor], where: Path, other: Path, t: float) -> dict[str, torch.Tensor]:
-    """``(1 - t) * state + t * other``'s adapter tensors; a BlspError unless the shapes agree."""
+def _adapter_tensors(folder: Path, purpose: str) -> dict[str, torch.Tensor]:
+    """The ``adapter.*`` tensors of ``folder``'s weights; a BlspError naming the file otherwise."""
     from safetensors.torch import load_file
 
+    from blsp.models.hub import ADAPTER_WEIGHTS
+
+    try:
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise BlspError(f"{folder / ADAPTER_WEIGHTS}: cannot read the adapter to {purpose} ({e})") from e
+    return {k: v for k, v in state.items() if k.startswith("adapter.")}
+
+
+def _average(state: dict[str, torch.Tensor], where: Path, other: Path, t: float) -> dict[str, torch.Tensor]:
+    """``(1 - t) * state + t * other``'s adapter tensors; a BlspError unless the shapes agree."""
     from blsp.models.hub import ADAPTER_WEIGHTS
 
     if not 0.0 <= t <= 1.0:
         raise BlspError(f"average weight must be in [0, 1], not {t}")
     folder = other if (other / ADAPTER_WEIGHTS).is_file() else _weights_folder(other)[0]
-    try:
-        theirs = {
-            k: v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items() if k.startswith("adapter.")
-        }
-    except (OSError, ValueError) as e:
-        raise BlspError(f"{folder / ADAPTER_WEIGHTS}: cannot read the adapter to average with ({e})") from e
+    theirs = _adapter_tensors(folder, "average with")
     if theirs.keys() != state.keys():
         raise BlspError(f"{folder} and {where}: adapters with different tensors, cannot average them")
     for k, v in state.items():
@@ -173,8 +179,6 @@ def export_adapter(
     ``average_with`` (a run, checkpoint or adapter folder of the same shapes) exports the weight
     average ``(1 - average_weight) * source + average_weight * other`` instead: a "model soup" of
     two stages trained from the same start, said so on the card."""
-    from safetensors.torch import load_file
-
     from blsp.models.hub import ADAPTER_WEIGHTS
     from blsp.models.modeling_blsp import write_adapter_folder
     from blsp.utils.io import atomic_write_json, atomic_write_text
@@ -183,10 +187,9 @@ def export_adapter(
     weights, run, progress = _weights_folder(source)
     try:
         config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
-        state = load_file(str(weights / ADAPTER_WEIGHTS))
     except (OSError, ValueError) as e:
         raise BlspError(f"{weights}: cannot read the adapter to export ({e})") from e
-    state = {k: v for k, v in state.items() if k.startswith("adapter.")}
+    state = _adapter_tensors(weights, "export")
     if average_with is not None:
         state = _average(state, weights, Path(average_with), average_weight)
         notes = (
