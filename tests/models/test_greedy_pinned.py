@@ -1,9 +1,9 @@
 """Greedy answers of the shipped adapter, pinned: every generation entry point gives these exact texts.
 
 The literals were produced by the code before generation was moved into one core
-(``blsp.models.generation_blsp``); a refactor of that core must leave them unchanged (re-pinned, by the same functions, when the shipped
-weights changed in session 8). fp32 on the
-CPU, 24 new tokens, three held-out speechocean762 clips (skipped where ``../shared/data`` is absent).
+(``blsp.models.generation_blsp``); a refactor of that core must leave them unchanged. They were
+re-pinned, by the same functions, when the shipped weights changed in session 8. fp32 on the CPU,
+24 new tokens, three held-out speechocean762 clips (skipped where ``../shared/data`` is absent).
 Entry points: ``BlspModel.generate`` (a mixed speech/text batch), ``SpeechPipeline`` (batched,
 streamed, a stop string), ``ChatSession`` (a speech turn, then a text turn on the kept KV cache) and
 the behavior step's ``TransformersBackend`` (text prompts, ``shrink`` and ``static`` batching).

@@ -217,9 +217,15 @@ blsp export $W/runs/blsp_choice_only $W/blsp-choice-only
 #     gets four listed words (one of its own), the LLM answers on the transcript, kept when right
 #     (655 texts, 862 clips). Then choice : word choice : repetition = 1 : 1 : 2 from the shipped
 #     weights, 800 steps; pinned to one core beside the KL run below (0.63 h).
+#     Both runs start from, and the average mixes in, the stage-2 adapter shipped until session 8; the
+#     package folder now holds the average, so restore stage 2 from git first.
+mkdir -p $W/blsp-base-v1
+for f in adapter.safetensors config.json; do
+  git show d74d683:src/blsp/resources/pretrained/blsp-base/$f > $W/blsp-base-v1/$f
+done
 W=$W python docs/results/blsp-base/word_choice.py 2000
 COMMON=(--set data.eval.0.path=$W/eval.jsonl --set train.lr=2e-4 --set train.warmup_steps=20 --set train.max_steps=800
-  --set run.save_every=200 --set run.eval_every=200 --set model.init_from=src/blsp/resources/pretrained/blsp-base)
+  --set run.save_every=200 --set run.eval_every=200 --set model.init_from=$W/blsp-base-v1)
 blsp train blsp_default \
   --set "data.train=[{path: $W/choice_clips.jsonl, task: behavior, weight: 1}, {path: $W/word_clips.jsonl, task: behavior, weight: 1}, {path: $W/train.jsonl, task: repetition, weight: 2}]" \
   --set run.output_dir=$W/runs/word_choice --set data.encoder_cache=$W/cache_b "${COMMON[@]}"
@@ -230,8 +236,8 @@ blsp train blsp_default \
 #     The weight average with the shipped adapter, its weight chosen on a dev split (the package's intent,
 #     sentiment and held-out sentences that the 48-item test sets do not use, same voices):
 #     blsp eval sets build tts-intent tts-sentiment tts-asr-en --testsets $W/allsets --n 1000, minus the test items.
-blsp export $W/runs/word_choice $W/blsp-word-soup --average-with src/blsp/resources/pretrained/blsp-base --average-weight 0.25
-blsp eval -s blsp-base=blsp:blsp-base -s blsp-word-soup=blsp:$W/blsp-word-soup -s blsp-word=blsp:$W/runs/word_choice/final -s whisper -s text \
+blsp export $W/runs/word_choice $W/blsp-word-soup --average-with $W/blsp-base-v1 --average-weight 0.25
+blsp eval -s blsp-base=blsp:$W/blsp-base-v1 -s blsp-word-soup=blsp:$W/blsp-word-soup -s blsp-word=blsp:$W/runs/word_choice/final -s whisper -s text \
   -t asr@$W/so_final.jsonl -t content@$W/so_final.jsonl -t asr@tts-asr-en -t content@tts-asr-en \
   -t align@tts-asr-en -t intent@tts-intent -t sentiment@tts-sentiment \
   --limit 48 --testsets $W/testsets --out docs/results/blsp-base/word-choice --device cpu
