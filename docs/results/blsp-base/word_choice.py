@@ -7,7 +7,7 @@ LabelMapper, no fuzzy match) in at most 8 words and that word is the transcript'
 quarter of the kept answers at each list position (SmolLM2-135M favours the first). Unlike the
 label-choice instructions, whose answers are mostly one label whatever the text, the answer here
 depends on the words, so the speech path has to carry them to reproduce it.
-Usage: W=/tmp/work python word_choice.py N  -> $W/word_clips.jsonl
+Usage: W=/tmp/work python word_choice.py N [NAME]  -> $W/NAME (default word_clips.jsonl)
 """
 
 import json, os, random, re, sys
@@ -17,6 +17,7 @@ from blsp.models.modeling_blsp import BlspModel
 
 W = os.environ.get("W", "/tmp/work")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1200
+OUT = sys.argv[2] if len(sys.argv) > 2 else "word_clips.jsonl"
 TEMPLATES = [
     "Which of these words does the text contain? Choose from [{opts}].",
     "Please pick the word that appears in the text, choose from [{opts}].",
@@ -55,7 +56,7 @@ for (t, ins, opts, gold), o in zip(items, outs):
         per_pos[opts.index(gold)] += 1
         kept[t] = {"behavior": "wordchoice", "instruction": ins, "response": o}
 n = 0
-with open(f"{W}/word_clips.jsonl", "w") as f:
+with open(f"{W}/{OUT}", "w") as f:
     for r in rows:
         c = kept.get(r["text"])
         if c:
