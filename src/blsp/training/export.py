@@ -46,15 +46,11 @@ def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
 
 
 def _adapter_tensors(folder: Path, purpose: str) -> dict[str, torch.Tensor]:
-    """The ``adapter.*`` tensors of ``folder``'s weights; a BlspError naming the file otherwise."""
-    from safetensors.torch import load_file
-
+    """The ``adapter.*`` tensors of ``folder``'s weights; the loader's error naming the file otherwise."""
     from blsp.models.hub import ADAPTER_WEIGHTS
+    from blsp.models.modeling_blsp import _read_weights
 
-    try:
-        state = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise BlspError(f"{folder / ADAPTER_WEIGHTS}: cannot read the adapter to {purpose} ({e})") from e
+    state = _read_weights(folder / ADAPTER_WEIGHTS, f" (to {purpose})")
     return {k: v for k, v in state.items() if k.startswith("adapter.")}
 
 
