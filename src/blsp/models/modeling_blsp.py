@@ -117,7 +117,8 @@ def _open_adapter_folder(ref: str | Path | None, **hub_kwargs: Any) -> tuple[Pat
     return path, config, hint
 
 
-def _read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
+def read_weights(weights: Path, hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a ModelLoadError naming the file (and ``hint``) otherwise."""
     try:
         return load_file(str(weights))
     except Exception as e:
@@ -299,7 +300,7 @@ class BlspModel(PreTrainedModel):
         model = cls.from_config(
             config or saved, device=device, dtype=dtype, device_map=device_map, **overrides
         )
-        model.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
+        model.load_trainable_state_dict(read_weights(weights, hint), source=str(weights))
         model._load_finetune(path, merge_lora)
         model.name_or_path = str(pretrained_model_name_or_path or path)
         card = path / MODEL_CARD
@@ -327,7 +328,7 @@ class BlspModel(PreTrainedModel):
         """Load a fine-tune's ``encoder.safetensors`` from ``path``, if it has one."""
         enc = path / ENCODER_WEIGHTS
         if enc.is_file():
-            state = _read_weights(enc)
+            state = read_weights(enc)
             dtype = next(self.encoder.whisper.parameters()).dtype
             try:
                 self.encoder.whisper.load_state_dict({k: v.to(dtype) for k, v in state.items()})
@@ -348,7 +349,7 @@ class BlspModel(PreTrainedModel):
         if is_finetuned(path):
             raise ModelLoadError(f"{path}: a fine-tuned folder (LoRA/encoder weights); load it on its own")
         weights = path / ADAPTER_WEIGHTS
-        self.load_trainable_state_dict(_read_weights(weights, hint), source=str(weights))
+        self.load_trainable_state_dict(read_weights(weights, hint), source=str(weights))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights that BLSP trains: the adapter and any extra heads."""

@@ -48,9 +48,9 @@ def _weights_folder(source: Path) -> tuple[Path, Path, dict[str, Any]]:
 def _adapter_tensors(folder: Path, purpose: str) -> dict[str, torch.Tensor]:
     """The ``adapter.*`` tensors of ``folder``'s weights; the loader's error naming the file otherwise."""
     from blsp.models.hub import ADAPTER_WEIGHTS
-    from blsp.models.modeling_blsp import _read_weights
+    from blsp.models.modeling_blsp import read_weights
 
-    state = _read_weights(folder / ADAPTER_WEIGHTS, f" (to {purpose})")
+    state = read_weights(folder / ADAPTER_WEIGHTS, f" (to {purpose})")
     return {k: v for k, v in state.items() if k.startswith("adapter.")}
 
 
