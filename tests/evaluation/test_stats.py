@@ -39,6 +39,23 @@ def test_paired_difference_uses_only_shared_items_and_identical_systems_differ_b
     assert stats.paired_difference(a, {})["diff"] is None
 
 
+def test_paired_ratio_is_the_ratio_of_the_two_corpus_values_on_shared_items():
+    # system a makes twice system b's errors on every shared item: the ratio is 2 on every resample
+    b = {f"i{k}": (float(1 + k % 3), 10.0) for k in range(40)}
+    a = {k: (2 * e, n) for k, (e, n) in b.items()} | {"only-a": (9.0, 1.0)}
+    r = stats.paired_ratio(a, b)
+    assert r["n"] == 40 and r["ratio"] == pytest.approx(2.0) and r["ci"] == pytest.approx([2.0, 2.0])
+    # errors that do not scale together: the interval holds the corpus ratio and has a width
+    c = {f"i{k}": (float(k % 5), 10.0) for k in range(40)}
+    r = stats.paired_ratio(c, b)
+    point = sum(e for e, _ in c.values()) / sum(e for e, _ in b.values())
+    assert r["ratio"] == pytest.approx(point) and r["ci"][0] < point < r["ci"][1]
+    assert stats.paired_ratio(a, {})["ratio"] is None
+    assert (
+        stats.paired_ratio(a, {k: (0.0, n) for k, (_, n) in b.items()})["ratio"] is None
+    )  # b makes no errors
+
+
 def test_ratio_interval_contains_the_corpus_value_and_narrows_with_more_items():
     pairs = [(float(k % 3), 4.0) for k in range(30)]
     lo, hi = stats.ratio_ci(pairs, 100.0)
@@ -71,3 +88,29 @@ def test_scores_carry_intervals_around_their_values():
     assert lo <= res["wer"] <= hi and lo < hi
     pairs = scoring.item_pairs(task, rows, "wer")
     assert len(pairs) == 20 and pairs["0"] == (2.0, 3.0)  # one substitution, one deletion of 3 words
+
+
+def test_paired_comparison_reads_a_runs_outputs_for_a_difference_and_a_ratio(tmp_path):
+    import json
+
+    from blsp.evaluation.runner import paired_comparison
+
+    refs = ["the cat sat on the mat", "hello world", "red green blue black"]
+    hyps = {
+        "a": ["the cat sat on mat", "hello there world", "red green glue block"],  # 1 + 1 + 2 errors
+        "b": ["the cat sat on the mat", "hello world", "red green blue"],  # 1 error
+    }
+    results = {"tasks": [{"key": "asr@x", "name": "asr", "kind": "asr", "target_lang": "en"}], "results": {}}
+    for system, texts in hyps.items():
+        (tmp_path / system).mkdir()
+        rows = [
+            {"id": f"u{i}", "ok": True, "response": h, "reference": r}
+            for i, (r, h) in enumerate(zip(refs, texts, strict=True))
+        ]
+        (tmp_path / system / "asr.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        results["results"][system] = {"asr@x": {"outputs": f"{system}/asr.jsonl"}}
+    ratio = paired_comparison(tmp_path, results, "asr@x", "a", "b", "wer", kind="ratio")
+    assert ratio["n"] == 3 and ratio["ratio"] == pytest.approx(4.0)
+    diff = paired_comparison(tmp_path, results, "asr@x", "a", "b", "wer")
+    assert diff["diff"] == pytest.approx(100 * 3 / 12)
+    assert paired_comparison(tmp_path, results, "asr@x", "a", "missing", "wer", kind="ratio")["ratio"] is None

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from blsp.evaluation.runner import paired_comparison
 
 
 def ci(res: dict, key: str) -> str:
@@ -22,13 +25,18 @@ def ci(res: dict, key: str) -> str:
 
 def main(path: str, system: str = "blsp-base") -> None:
     with open(path, encoding="utf-8") as f:
-        r = json.load(f)["results"]
+        results = json.load(f)
+    r = results["results"]
     b, text, casc = r[system], r["Text+LLM"], r["Whisper+LLM"]
     out: dict[str, object] = {}
     for key in [k for k in b if k.startswith("asr@")]:
         out[f"{key} WER through the LLM, blsp-base (%)"] = ci(b[key], "wer")
         out[f"{key} WER, Whisper+LLM cascade (%)"] = ci(casc[key], "wer")
-        out[f"{key} WER ratio blsp-base / cascade (bar: <= 2)"] = b[key]["wer"] / casc[key]["wer"]
+        ratio = paired_comparison(Path(path).parent, results, key, system, "Whisper+LLM", "wer", kind="ratio")
+        lo, hi = ratio["ci"]
+        out[f"{key} WER ratio blsp-base / cascade, paired interval (bar: <= 2)"] = (
+            f"{ratio['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+        )
         out[f"{key} distinct answers"] = f"{b[key]['distinct_answers']}/{b[key]['n']}"
     for key in [k for k in b if k.startswith("content@")]:
         out[f"{key} matched / shuffled loss (nats/token)"] = (

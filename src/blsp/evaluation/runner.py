@@ -538,24 +538,38 @@ def run_eval(
     return results
 
 
-def paired_comparison(
-    out_dir: str | Path, results: dict[str, Any], task_key: str, a: str, b: str, metric: str
-) -> dict[str, Any]:
-    """``metric`` of system ``a`` minus system ``b`` on ``task_key``, on the items both answered,
-    from the per-utterance outputs of a ``blsp eval`` run: the difference, its paired 95 % bootstrap
-    interval and p-value (:func:`blsp.evaluation.stats.paired_difference`)."""
-    out_dir = Path(out_dir)
+def output_pairs(
+    out_dir: str | Path, results: dict[str, Any], task_key: str, system: str, metric: str
+) -> dict[str, tuple[float, float]]:
+    """Per item id, the ``(numerator, denominator)`` of ``metric`` for ``system`` on ``task_key``,
+    read from the per-utterance outputs of a ``blsp eval`` run (empty when it has none)."""
     task = next((t for t in results.get("tasks", []) if t.get("key") == task_key), None)
-    ra = results.get("results", {}).get(a, {}).get(task_key, {})
-    rb = results.get("results", {}).get(b, {}).get(task_key, {})
-    if task is None or "outputs" not in ra or "outputs" not in rb or metric not in scoring.RATIO_METRICS:
-        return {"n": 0, "diff": None, "ci": None, "p": None}
+    res = results.get("results", {}).get(system, {}).get(task_key, {})
+    if task is None or "outputs" not in res or metric not in scoring.RATIO_METRICS:
+        return {}
     scored = Task(task["name"], task["kind"], None, target_lang=task.get("target_lang", "en"))
-    pairs = []
-    for res in (ra, rb):
-        rows = [obj for _, obj, _ in iter_jsonl(out_dir / res["outputs"]) if obj]
-        pairs.append(scoring.item_pairs(scored, rows, metric))
-    return stats.paired_difference(pairs[0], pairs[1], scoring.RATIO_METRICS[metric])
+    rows = [obj for _, obj, _ in iter_jsonl(Path(out_dir) / res["outputs"]) if obj]
+    return scoring.item_pairs(scored, rows, metric)
+
+
+def paired_comparison(
+    out_dir: str | Path,
+    results: dict[str, Any],
+    task_key: str,
+    a: str,
+    b: str,
+    metric: str,
+    kind: str = "difference",
+) -> dict[str, Any]:
+    """``metric`` of system ``a`` minus (``kind="ratio"``: over) system ``b`` on ``task_key``, on the
+    items both answered, from the per-utterance outputs of a ``blsp eval`` run, with its paired 95 %
+    bootstrap interval (:func:`blsp.evaluation.stats.paired_difference` and ``paired_ratio``)."""
+    pa, pb = (output_pairs(out_dir, results, task_key, s, metric) for s in (a, b))
+    if kind == "ratio":
+        return stats.paired_ratio(pa, pb)
+    if not pa or not pb:
+        return {"n": 0, "diff": None, "ci": None, "p": None}
+    return stats.paired_difference(pa, pb, scoring.RATIO_METRICS[metric])
 
 
 def _write(results: dict[str, Any], out_dir: Path) -> None:

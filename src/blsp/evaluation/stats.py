@@ -61,6 +61,31 @@ def corpus_ci(
     return _interval(np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64))
 
 
+def _paired(
+    a: Mapping[str, tuple[float, float]],
+    b: Mapping[str, tuple[float, float]],
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n_boot: int,
+    seed: int,
+) -> tuple[int, float, np.ndarray] | None:
+    """``combine(metric(a), metric(b))`` on the items both have (keyed by id) and on paired resamples
+    of them; None without shared items or a finite value."""
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        return None
+    na, da = (np.asarray(x, dtype=np.float64) for x in zip(*(a[i] for i in ids), strict=True))
+    nb, db = (np.asarray(x, dtype=np.float64) for x in zip(*(b[i] for i in ids), strict=True))
+    every = np.arange(len(ids))[None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = combine(_ratios(na, da, every), _ratios(nb, db, every))[0]
+        idx = _resamples(len(ids), n_boot, seed)
+        boots = combine(_ratios(na, da, idx), _ratios(nb, db, idx))
+    boots = boots[np.isfinite(boots)]
+    if not np.isfinite(value) or boots.size == 0:
+        return None
+    return len(ids), float(value), boots
+
+
 def paired_difference(
     a: Mapping[str, tuple[float, float]],
     b: Mapping[str, tuple[float, float]],
@@ -70,21 +95,28 @@ def paired_difference(
 ) -> dict[str, Any]:
     """``metric(a) - metric(b)`` on the items both have (keyed by id), with a paired bootstrap
     interval and a two-sided bootstrap p-value (twice the share of resamples on the far side of 0)."""
-    ids = sorted(set(a) & set(b))
-    out: dict[str, Any] = {"n": len(ids), "diff": None, "ci": None, "p": None}
-    if not ids:
+    out: dict[str, Any] = {"n": len(set(a) & set(b)), "diff": None, "ci": None, "p": None}
+    got = _paired(a, b, lambda x, y: scale * (x - y), n_boot, seed)
+    if got is None:
         return out
-    na, da = (np.asarray(x, dtype=np.float64) for x in zip(*(a[i] for i in ids), strict=True))
-    nb, db = (np.asarray(x, dtype=np.float64) for x in zip(*(b[i] for i in ids), strict=True))
-    every = np.arange(len(ids))[None]
-    diff = scale * (_ratios(na, da, every) - _ratios(nb, db, every))[0]
-    idx = _resamples(len(ids), n_boot, seed)
-    boots = scale * (_ratios(na, da, idx) - _ratios(nb, db, idx))
-    boots = boots[np.isfinite(boots)]
-    if not np.isfinite(diff) or boots.size == 0:
-        return out
+    _, diff, boots = got
     far = min(float((boots <= 0).mean()), float((boots >= 0).mean()))
-    return out | {"diff": float(diff), "ci": _interval(boots), "p": min(1.0, 2 * far)}
+    return out | {"diff": diff, "ci": _interval(boots), "p": min(1.0, 2 * far)}
+
+
+def paired_ratio(
+    a: Mapping[str, tuple[float, float]],
+    b: Mapping[str, tuple[float, float]],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``metric(a) / metric(b)`` on the items both have (keyed by id), with a paired bootstrap
+    interval: "system a's WER is at most 2x system b's on the same clips" is judged on it."""
+    out: dict[str, Any] = {"n": len(set(a) & set(b)), "ratio": None, "ci": None}
+    got = _paired(a, b, lambda x, y: x / y, n_boot, seed)
+    if got is None:
+        return out
+    return out | {"ratio": got[1], "ci": _interval(got[2])}
 
 
 def verdict(ci: Sequence[float] | None, claim: str = "positive") -> str | None:
