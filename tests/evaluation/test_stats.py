@@ -51,9 +51,8 @@ def test_paired_ratio_is_the_ratio_of_the_two_corpus_values_on_shared_items():
     point = sum(e for e, _ in c.values()) / sum(e for e, _ in b.values())
     assert r["ratio"] == pytest.approx(point) and r["ci"][0] < point < r["ci"][1]
     assert stats.paired_ratio(a, {})["ratio"] is None
-    assert (
-        stats.paired_ratio(a, {k: (0.0, n) for k, (_, n) in b.items()})["ratio"] is None
-    )  # b makes no errors
+    no_errors = {k: (0.0, n) for k, (_, n) in b.items()}
+    assert stats.paired_ratio(a, no_errors)["ratio"] is None
 
 
 def test_ratio_interval_contains_the_corpus_value_and_narrows_with_more_items():

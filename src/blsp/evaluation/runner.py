@@ -567,8 +567,6 @@ def paired_comparison(
     pa, pb = (output_pairs(out_dir, results, task_key, s, metric) for s in (a, b))
     if kind == "ratio":
         return stats.paired_ratio(pa, pb)
-    if not pa or not pb:
-        return {"n": 0, "diff": None, "ci": None, "p": None}
     return stats.paired_difference(pa, pb, scoring.RATIO_METRICS[metric])
 
 

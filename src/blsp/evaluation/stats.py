@@ -67,7 +67,7 @@ def _paired(
     combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
     n_boot: int,
     seed: int,
-) -> tuple[int, float, np.ndarray] | None:
+) -> tuple[float, np.ndarray] | None:
     """``combine(metric(a), metric(b))`` on the items both have (keyed by id) and on paired resamples
     of them; None without shared items or a finite value."""
     ids = sorted(set(a) & set(b))
@@ -83,7 +83,7 @@ def _paired(
     boots = boots[np.isfinite(boots)]
     if not np.isfinite(value) or boots.size == 0:
         return None
-    return len(ids), float(value), boots
+    return float(value), boots
 
 
 def paired_difference(
@@ -99,7 +99,7 @@ def paired_difference(
     got = _paired(a, b, lambda x, y: scale * (x - y), n_boot, seed)
     if got is None:
         return out
-    _, diff, boots = got
+    diff, boots = got
     far = min(float((boots <= 0).mean()), float((boots >= 0).mean()))
     return out | {"diff": diff, "ci": _interval(boots), "p": min(1.0, 2 * far)}
 
@@ -116,7 +116,7 @@ def paired_ratio(
     got = _paired(a, b, lambda x, y: x / y, n_boot, seed)
     if got is None:
         return out
-    return out | {"ratio": got[1], "ci": _interval(got[2])}
+    return out | {"ratio": got[0], "ci": _interval(got[1])}
 
 
 def verdict(ci: Sequence[float] | None, claim: str = "positive") -> str | None:
