@@ -5,9 +5,9 @@ the same clips, per `blsp eval` run and pooled over runs (stdout: a Markdown tab
 
 Each RUN_DIR is a `blsp eval --out` folder (results.json and outputs/); TASK_KEY an asr task in it
 (e.g. asr@tts-asr-en); NAME the system's name in that run where it is not SYSTEM. The ratio is
-sum(errors) / sum(errors of the cascade) over the shared items, and its 95 % interval comes from resampling those items with replacement (both systems together,
-`blsp.evaluation.stats.paired_ratio`). Pooled rows key each item by its run, so runs over different
-clips add up.
+sum(errors) / sum(errors of the cascade) over the shared items, and its 95 % interval comes from
+resampling those items with replacement (both systems together, `blsp.evaluation.stats.paired_ratio`).
+Pooled rows key each item by its run, so runs over different clips add up.
 """
 
 from __future__ import annotations
